@@ -1,0 +1,1 @@
+//! kthw-lab: Kubernetes the Hard Way labs on one Linux host.
