@@ -1,0 +1,119 @@
+//! The tool's top-level error: each variant maps to a documented exit code and
+//! carries the hints printed under the cause chain.
+
+use crate::scenario::ScenarioError;
+
+/// Documented exit codes (see README).
+pub mod exit {
+    pub const OTHER: i32 = 1;
+    pub const BAD_SCENARIO: i32 = 2;
+    pub const PREFLIGHT: i32 = 3;
+    pub const LAB_EXISTS: i32 = 4;
+    pub const HOST_PROVISIONING: i32 = 10;
+    pub const BOOT_TIMEOUT: i32 = 11;
+    pub const BOOTSTRAP: i32 = 12;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid scenario: {0}")]
+    Scenario(#[from] ScenarioError),
+    #[error("preflight check failed: {what}")]
+    Preflight { what: String, hint: String },
+    #[error("lab `{lab}` already exists with a different scenario")]
+    LabExists { lab: String, hint: String },
+    #[error("host provisioning failed: {what}")]
+    Provision {
+        what: String,
+        hint: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    #[error("node did not come up: {what}")]
+    Boot { what: String, hint: String },
+    #[error("bootstrap failed: {what}")]
+    Bootstrap {
+        what: String,
+        hint: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    #[error("`kthw-lab {command}` is not available yet in this version")]
+    NotAvailable { command: String, hint: String },
+    #[error("{what}")]
+    Other {
+        what: String,
+        hint: Option<String>,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+}
+
+impl Error {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Scenario(_) => exit::BAD_SCENARIO,
+            Error::Preflight { .. } => exit::PREFLIGHT,
+            Error::LabExists { .. } => exit::LAB_EXISTS,
+            Error::Provision { .. } => exit::HOST_PROVISIONING,
+            Error::Boot { .. } => exit::BOOT_TIMEOUT,
+            Error::Bootstrap { .. } => exit::BOOTSTRAP,
+            Error::NotAvailable { .. } | Error::Other { .. } => exit::OTHER,
+        }
+    }
+
+    pub fn hints(&self) -> Vec<String> {
+        match self {
+            Error::Scenario(_) => {
+                vec!["fix the fields above and run again; nothing on the host was changed".into()]
+            }
+            Error::Preflight { hint, .. }
+            | Error::LabExists { hint, .. }
+            | Error::Provision { hint, .. }
+            | Error::Boot { hint, .. }
+            | Error::Bootstrap { hint, .. }
+            | Error::NotAvailable { hint, .. } => vec![hint.clone()],
+            Error::Other { hint, .. } => hint.iter().cloned().collect(),
+        }
+    }
+
+    pub fn other(what: impl Into<String>) -> Error {
+        Error::Other {
+            what: what.into(),
+            hint: None,
+            source: None,
+        }
+    }
+
+    pub fn with_source(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Error {
+        Error::Other {
+            what: what.into(),
+            hint: None,
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// The error followed by its causes, one per line, then the hints.
+    pub fn report(&self) -> String {
+        let mut out = format!("error: {self}\n");
+        if let Error::Scenario(e) = self {
+            for d in &e.diagnostics {
+                out.push_str(&format!("  {d}\n"));
+            }
+        }
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            out.push_str(&format!("  caused by: {c}\n"));
+            cause = c.source();
+        }
+        for h in self.hints() {
+            out.push_str(&format!("hint: {h}\n"));
+        }
+        out
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

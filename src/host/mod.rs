@@ -1,0 +1,3 @@
+//! Side effects on the host, behind coarse traits in domain terms.
+
+pub mod facts;
