@@ -16,8 +16,9 @@ pub mod exit {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid scenario: {0}")]
-    Scenario(#[from] ScenarioError),
+    /// The diagnostics are printed by `report`, one per line.
+    #[error("invalid scenario {}: {} problem{}", .0.file, .0.diagnostics.len(), if .0.diagnostics.len() == 1 { "" } else { "s" })]
+    Scenario(ScenarioError),
     #[error("preflight check failed: {what}")]
     Preflight { what: String, hint: String },
     #[error("lab `{lab}` already exists with a different scenario")]
@@ -47,6 +48,12 @@ pub enum Error {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
+}
+
+impl From<ScenarioError> for Error {
+    fn from(e: ScenarioError) -> Self {
+        Error::Scenario(e)
+    }
 }
 
 impl Error {

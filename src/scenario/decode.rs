@@ -41,7 +41,7 @@ impl std::fmt::Display for Diagnostic {
 pub struct Ctx {
     pub file: String,
     pub diagnostics: Vec<Diagnostic>,
-    positions: BTreeMap<String, Pos>,
+    pub(crate) positions: BTreeMap<String, Pos>,
 }
 
 impl Ctx {
@@ -163,17 +163,19 @@ macro_rules! unsigned {
     ($($t:ty),*) => {$(
         impl FromNode for $t {
             fn from_node(node: &Node, path: &str, cx: &mut Ctx) -> Option<Self> {
-                let what = concat!("a whole number from 0 to ", stringify!($t));
                 let text = scalar(node, path, cx, "a whole number")?;
                 match text.replace('_', "").parse::<$t>() {
                     Ok(v) => Some(v),
-                    Err(_) => {
-                        let _ = what;
+                    Err(_) if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) => {
                         cx.error(
                             node.pos,
                             path,
-                            format!("expected a whole number between 0 and {}, found `{text}`", <$t>::MAX),
+                            format!("{text} is too large (at most {})", <$t>::MAX),
                         );
+                        None
+                    }
+                    Err(_) => {
+                        cx.error(node.pos, path, format!("expected a whole number, found `{text}`"));
                         None
                     }
                 }
@@ -236,7 +238,7 @@ impl FromNode for Ipv4Network {
 
 impl<T: FromNode> FromNode for Vec<T> {
     fn from_node(node: &Node, path: &str, cx: &mut Ctx) -> Option<Self> {
-        cx.record(path, node.pos);
+        cx.positions.entry(path.to_string()).or_insert(node.pos);
         match &node.kind {
             Kind::Seq(items) => {
                 let mut out = Vec::with_capacity(items.len());
@@ -288,6 +290,8 @@ pub struct MapReader<'n> {
     pub path: String,
     allowed: &'static [&'static str],
     used: Vec<bool>,
+    /// Keys read so far, recorded into the context before their values are decoded.
+    key_positions: Vec<(String, Pos)>,
 }
 
 impl<'n> MapReader<'n> {
@@ -298,7 +302,12 @@ impl<'n> MapReader<'n> {
         cx: &mut Ctx,
         allowed: &'static [&'static str],
     ) -> Option<Self> {
-        cx.record(path, node.pos);
+        // A section is located at its key (`workers:`), which its parent recorded;
+        // the document itself at 1:1.
+        let pos = *cx
+            .positions
+            .entry(path.to_string())
+            .or_insert(if path.is_empty() { Pos { line: 1, col: 1 } } else { node.pos });
         let entries: &'n [(super::yaml::Key, Node)] = match &node.kind {
             Kind::Map(e) => e,
             _ if node.is_null() => &[],
@@ -317,10 +326,11 @@ impl<'n> MapReader<'n> {
         };
         Some(MapReader {
             entries,
-            pos: node.pos,
+            pos,
             path: path.to_string(),
             allowed,
             used: vec![false; entries.len()],
+            key_positions: Vec::new(),
         })
     }
 
@@ -333,23 +343,42 @@ impl<'n> MapReader<'n> {
         debug_assert!(self.allowed.contains(&key), "{key} not declared");
         let i = self.entries.iter().position(|(k, _)| k.name == key)?;
         self.used[i] = true;
-        let node = &self.entries[i].1;
+        let (k, node) = &self.entries[i];
+        self.key_positions.push((self.child_path(key), k.pos));
         (!node.is_null()).then_some(node)
+    }
+
+    fn flush(&mut self, cx: &mut Ctx) {
+        for (p, pos) in self.key_positions.drain(..) {
+            cx.record(&p, pos);
+        }
+    }
+
+    /// The node under `key` for a nested section, its key position recorded.
+    pub fn section(&mut self, key: &str, cx: &mut Ctx) -> Option<&'n Node> {
+        let node = self.node(key);
+        self.flush(cx);
+        node
     }
 
     pub fn opt<T: FromNode>(&mut self, key: &str, cx: &mut Ctx) -> Option<T> {
         let node = self.node(key)?;
+        self.flush(cx);
         T::from_node(node, &self.child_path(key), cx)
     }
 
     pub fn opt_keyword<T: Keyword>(&mut self, key: &str, cx: &mut Ctx) -> Option<T> {
         let node = self.node(key)?;
+        self.flush(cx);
         keyword(node, &self.child_path(key), cx)
     }
 
     pub fn req<T: FromNode>(&mut self, key: &str, cx: &mut Ctx) -> Option<T> {
         match self.node(key) {
-            Some(node) => T::from_node(node, &self.child_path(key), cx),
+            Some(node) => {
+                self.flush(cx);
+                T::from_node(node, &self.child_path(key), cx)
+            }
             None => {
                 cx.error(
                     self.pos,

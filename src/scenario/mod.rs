@@ -168,7 +168,7 @@ fn decode_scenario(root: &Node, cx: &mut Ctx, sources: &Sources) -> Option<Scena
     let mut m = MapReader::new(root, "", cx, SCENARIO_FIELDS)?;
     let name: Option<String> = m.req("name", cx);
     let description = m.opt("description", cx);
-    let (network_profile, network) = read_network(m.node("network"), cx, sources);
+    let (network_profile, network) = read_network(m.section("network", cx), cx, sources);
     let image = m
         .opt("image", cx)
         .unwrap_or_else(|| "kthw-debian12".to_string());
@@ -187,16 +187,16 @@ fn decode_scenario(root: &Node, cx: &mut Ctx, sources: &Sources) -> Option<Scena
         .opt_keyword("key_algorithm", cx)
         .unwrap_or(KeyAlgorithm::EcdsaP256);
     let controllers = NodeGroup::read(
-        m.node("controllers"),
+        m.section("controllers", cx),
         "controllers",
         cx,
         "controller-",
         2048,
     );
-    let workers = NodeGroup::read(m.node("workers"), "workers", cx, "worker-", 2048);
-    let load_balancer = read_lb(m.node("load_balancer"), cx);
-    let cluster = read_cluster(m.node("cluster"), cx, name.as_deref().unwrap_or("kthw"));
-    let versions = read_versions(m.node("versions"), cx);
+    let workers = NodeGroup::read(m.section("workers", cx), "workers", cx, "worker-", 2048);
+    let load_balancer = read_lb(m.section("load_balancer", cx), cx);
+    let cluster = read_cluster(m.section("cluster", cx), cx, name.as_deref().unwrap_or("kthw"));
+    let versions = read_versions(m.section("versions", cx), cx);
     m.finish(cx);
     Some(Scenario {
         name: name.unwrap_or_default(),

@@ -276,12 +276,14 @@ fn check_groups(s: &Scenario, cx: &mut Ctx) {
 
 fn check_addresses(s: &Scenario, cx: &mut Ctx) {
     let net = s.network.subnet;
-    if cx.has_errors_at("network") {
+    if cx.has_errors_at("network.subnet") {
         return;
     }
     // Reserved addresses and who holds them, to name the other side of a collision.
     let mut taken: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
-    taken.insert(s.network.gateway, "the gateway (network.gateway)".into());
+    if is_usable_host(net, s.network.gateway) {
+        taken.insert(s.network.gateway, "the gateway (network.gateway)".into());
+    }
     let lb = s.load_balancer.address;
     if !cx.has_errors_at("load_balancer.address") {
         if !is_usable_host(net, lb) {
@@ -302,38 +304,47 @@ fn check_addresses(s: &Scenario, cx: &mut Ctx) {
             taken.insert(lb, "the load balancer (load_balancer.address)".into());
         }
     }
-    let mut overflow_reported = [false, false];
-    for slot in s.node_slots() {
-        let group = match slot.role {
-            Role::Controller => "controllers",
-            Role::Worker => "workers",
-        };
-        let gi = (slot.role == Role::Worker) as usize;
-        let fits = slot.ip.is_some_and(|ip| is_usable_host(net, ip));
-        if !fits {
-            if !overflow_reported[gi] {
-                overflow_reported[gi] = true;
-                let g = if gi == 0 { &s.controllers } else { &s.workers };
-                let first = s
-                    .node_slots()
-                    .into_iter()
-                    .find(|x| x.role == slot.role)
-                    .and_then(|x| x.ip)
-                    .map(|ip| ip.to_string())
-                    .unwrap_or_else(|| "?".into());
-                cx.error_at_path(
-                    &format!("{group}.count"),
-                    format!(
-                        "{} {group} starting at {first} do not fit in the node subnet {net} (usable: {} to {}); lower the count or move {group}.first_ip",
-                        g.count,
-                        first_host(net),
-                        last_host(net)
-                    ),
-                );
-            }
+    let slots = s.node_slots();
+    // A group whose count is already wrong, or that overflows the subnet, gets one
+    // message and no per-node collision noise.
+    let mut skip = [false, false];
+    for (gi, (role, group, g)) in [
+        (Role::Controller, "controllers", &s.controllers),
+        (Role::Worker, "workers", &s.workers),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if cx.has_errors_at(&format!("{group}.count")) || cx.has_errors_at(&format!("{group}.first_ip")) {
+            skip[gi] = true;
             continue;
         }
-        let ip = slot.ip.expect("fits");
+        let mine: Vec<_> = slots.iter().filter(|x| x.role == role).collect();
+        if mine.iter().any(|x| !x.ip.is_some_and(|ip| is_usable_host(net, ip))) {
+            skip[gi] = true;
+            let first = mine
+                .first()
+                .and_then(|x| x.ip)
+                .map(|ip| ip.to_string())
+                .unwrap_or_else(|| "?".into());
+            cx.error_at_path(
+                &format!("{group}.count"),
+                format!(
+                    "{} {group} starting at {first} do not fit in the node subnet {net} (usable: {} to {}); lower the count or move {group}.first_ip",
+                    g.count,
+                    first_host(net),
+                    last_host(net)
+                ),
+            );
+        }
+    }
+    for slot in slots {
+        let gi = (slot.role == Role::Worker) as usize;
+        if skip[gi] {
+            continue;
+        }
+        let group = if gi == 0 { "controllers" } else { "workers" };
+        let ip = slot.ip.expect("checked to fit");
         if let Some(holder) = taken.get(&ip) {
             cx.error_at_path(
                 &format!("{group}.first_ip"),
@@ -347,7 +358,8 @@ fn check_addresses(s: &Scenario, cx: &mut Ctx) {
 
 fn check_cluster(s: &Scenario, cx: &mut Ctx) {
     let c = &s.cluster;
-    if !cx.has_errors_at("cluster.name") && !is_label(&c.name, 63) {
+    // The cluster name defaults to the lab name, already checked above.
+    if c.name != s.name && !cx.has_errors_at("cluster.name") && !is_label(&c.name, 63) {
         cx.error_at_path(
             "cluster.name",
             format!(
@@ -418,6 +430,7 @@ fn check_cluster(s: &Scenario, cx: &mut Ctx) {
                 "cluster.service_cidr",
                 format!("{svc} is too small for services: use a /28 or larger"),
             );
+            return;
         }
         for (path, ip) in [
             ("cluster.api_service_ip", c.api_service_ip),

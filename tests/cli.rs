@@ -1,0 +1,106 @@
+//! The binary as a user runs it: outputs, exit codes, errors with hints.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kthw-lab"))
+        .args(args)
+        .current_dir(root())
+        .env("KTHW_LAB_STATE_DIR", "/var/lib/kthw-lab")
+        .env_remove("KTHW_LAB_CONNECT")
+        .output()
+        .expect("run kthw-lab")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn plan_table_shows_nodes_and_addresses() {
+    let o = run(&["plan", "scenarios/2m2w.yaml"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    for want in [
+        "NAME", "POD CIDR", "m1", "10.200.1.10", "n2", "10.200.1.13", "10.100.1.0/24", "10.200.1.15",
+        "10.32.0.1", "10.200.1.1", "52:54:00:",
+    ] {
+        assert!(out.contains(want), "missing {want} in\n{out}");
+    }
+}
+
+#[test]
+fn plan_json_is_stable_and_matches_golden() {
+    let a = run(&["plan", "scenarios/2m2w.yaml", "--output", "json"]);
+    let b = run(&["plan", "scenarios/2m2w.yaml", "-o", "json"]);
+    assert!(a.status.success());
+    assert_eq!(a.stdout, b.stdout);
+    let golden = std::fs::read_to_string(root().join("tests/golden/plan/2m2w.json")).unwrap();
+    assert_eq!(text(&a.stdout), golden);
+    let v: serde_json::Value = serde_json::from_slice(&a.stdout).unwrap();
+    assert_eq!(v["nodes"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn plan_yaml_parses() {
+    let o = run(&["plan", "scenarios/1m1w.yaml", "--output", "yaml"]);
+    assert!(o.status.success());
+    let v: serde_json::Value = yaml_serde::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["lab"], "k1m1w");
+}
+
+#[test]
+fn state_dir_flag_moves_every_path() {
+    let o = run(&["--state-dir", "/srv/labs", "plan", "scenarios/1m1w.yaml", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["paths"]["root"], "/srv/labs/labs/k1m1w");
+    assert_eq!(v["nodes"][0]["disk_path"], "/srv/labs/labs/k1m1w/disks/controller-0.qcow2");
+}
+
+#[test]
+fn bad_scenario_exits_2_with_every_problem_and_a_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.yaml");
+    std::fs::write(&f, "name: lab\ncontrollers: {count: 0}\nworkers: {count: 1, cpu: 2}\nload_balancer: {address: 10.1.1.1}\n").unwrap();
+    let o = run(&["plan", f.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = text(&o.stderr);
+    assert!(err.contains("error: invalid scenario"), "{err}");
+    assert!(err.contains("bad.yaml:2:22: controllers.count: must be at least 1 (got 0)"), "{err}");
+    assert!(err.contains("workers.cpu: unknown field `cpu`"), "{err}");
+    assert!(err.contains("load_balancer.address: 10.1.1.1 is not a usable address"), "{err}");
+    assert!(err.contains("\nhint: "), "{err}");
+    assert!(o.stdout.is_empty());
+}
+
+#[test]
+fn missing_scenario_file_is_a_clear_error() {
+    let o = run(&["plan", "scenarios/nope.yaml"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = text(&o.stderr);
+    assert!(err.starts_with("error: cannot read scenario scenarios/nope.yaml\n"), "{err}");
+    assert!(err.contains("caused by: No such file or directory"), "{err}");
+    assert!(err.contains("hint: "), "{err}");
+}
+
+#[test]
+fn completions_are_generated() {
+    for shell in ["bash", "zsh", "fish"] {
+        let o = run(&["completions", shell]);
+        assert!(o.status.success());
+        assert!(text(&o.stdout).contains("kthw-lab"));
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let o = run(&["plan"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = run(&["create", "x.yaml", "--until", "nowhere"]);
+    assert_eq!(o.status.code(), Some(2));
+}
