@@ -27,8 +27,17 @@ fn plan_table_shows_nodes_and_addresses() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     let out = text(&o.stdout);
     for want in [
-        "NAME", "POD CIDR", "m1", "10.200.1.10", "n2", "10.200.1.13", "10.100.1.0/24", "10.200.1.15",
-        "10.32.0.1", "10.200.1.1", "52:54:00:",
+        "NAME",
+        "POD CIDR",
+        "m1",
+        "10.200.1.10",
+        "n2",
+        "10.200.1.13",
+        "10.100.1.0/24",
+        "10.200.1.15",
+        "10.32.0.1",
+        "10.200.1.1",
+        "52:54:00:",
     ] {
         assert!(out.contains(want), "missing {want} in\n{out}");
     }
@@ -56,10 +65,20 @@ fn plan_yaml_parses() {
 
 #[test]
 fn state_dir_flag_moves_every_path() {
-    let o = run(&["--state-dir", "/srv/labs", "plan", "scenarios/1m1w.yaml", "-o", "json"]);
+    let o = run(&[
+        "--state-dir",
+        "/srv/labs",
+        "plan",
+        "scenarios/1m1w.yaml",
+        "-o",
+        "json",
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["paths"]["root"], "/srv/labs/labs/k1m1w");
-    assert_eq!(v["nodes"][0]["disk_path"], "/srv/labs/labs/k1m1w/disks/controller-0.qcow2");
+    assert_eq!(
+        v["nodes"][0]["disk_path"],
+        "/srv/labs/labs/k1m1w/disks/controller-0.qcow2"
+    );
 }
 
 #[test]
@@ -71,9 +90,15 @@ fn bad_scenario_exits_2_with_every_problem_and_a_hint() {
     assert_eq!(o.status.code(), Some(2));
     let err = text(&o.stderr);
     assert!(err.contains("error: invalid scenario"), "{err}");
-    assert!(err.contains("bad.yaml:2:22: controllers.count: must be at least 1 (got 0)"), "{err}");
+    assert!(
+        err.contains("bad.yaml:2:22: controllers.count: must be at least 1 (got 0)"),
+        "{err}"
+    );
     assert!(err.contains("workers.cpu: unknown field `cpu`"), "{err}");
-    assert!(err.contains("load_balancer.address: 10.1.1.1 is not a usable address"), "{err}");
+    assert!(
+        err.contains("load_balancer.address: 10.1.1.1 is not a usable address"),
+        "{err}"
+    );
     assert!(err.contains("\nhint: "), "{err}");
     assert!(o.stdout.is_empty());
 }
@@ -83,8 +108,14 @@ fn missing_scenario_file_is_a_clear_error() {
     let o = run(&["plan", "scenarios/nope.yaml"]);
     assert_eq!(o.status.code(), Some(1));
     let err = text(&o.stderr);
-    assert!(err.starts_with("error: cannot read scenario scenarios/nope.yaml\n"), "{err}");
-    assert!(err.contains("caused by: No such file or directory"), "{err}");
+    assert!(
+        err.starts_with("error: cannot read scenario scenarios/nope.yaml\n"),
+        "{err}"
+    );
+    assert!(
+        err.contains("caused by: No such file or directory"),
+        "{err}"
+    );
     assert!(err.contains("hint: "), "{err}");
 }
 

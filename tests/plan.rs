@@ -10,14 +10,18 @@ use kthw_lab::plan::{plan, LabPlan};
 use kthw_lab::scenario::{load_str, HostLimits, Role, Sources};
 use proptest::prelude::*;
 
-const HOST: HostLimits = HostLimits { memory_mib: 1 << 20 };
+const HOST: HostLimits = HostLimits {
+    memory_mib: 1 << 20,
+};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn plan_text(text: &str) -> Result<LabPlan, String> {
-    let src = Sources { roots: vec![root()] };
+    let src = Sources {
+        roots: vec![root()],
+    };
     let s = load_str(text, "s.yaml", &src, &HOST).map_err(|e| format!("{:#?}", e.diagnostics))?;
     Ok(plan(&s, text, Path::new("/var/lib/kthw-lab")))
 }
@@ -30,8 +34,12 @@ fn golden(name: &str, actual: &str) {
         std::fs::write(&path, actual).unwrap();
         return;
     }
-    let expected = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1 to create it)", path.display()));
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with UPDATE_GOLDEN=1 to create it)",
+            path.display()
+        )
+    });
     assert!(
         expected == actual,
         "{} differs from the golden file; run with UPDATE_GOLDEN=1 if the change is intended\n--- expected\n{expected}\n--- actual\n{actual}",
@@ -45,7 +53,10 @@ fn shipped_scenario_plans_match_golden_files() {
         let text = std::fs::read_to_string(root().join(format!("scenarios/{stem}.yaml"))).unwrap();
         let p = plan_text(&text).unwrap();
         golden(&format!("plan/{stem}.json"), &p.to_json());
-        golden(&format!("plan/{stem}.txt"), &kthw_lab::plan::render_table(&p));
+        golden(
+            &format!("plan/{stem}.txt"),
+            &kthw_lab::plan::render_table(&p),
+        );
     }
 }
 
@@ -53,15 +64,36 @@ fn shipped_scenario_plans_match_golden_files() {
 fn seeds_layout_for_2m2w() {
     let text = std::fs::read_to_string(root().join("scenarios/2m2w.yaml")).unwrap();
     let p = plan_text(&text).unwrap();
-    let ips: Vec<String> = p.nodes.iter().map(|n| format!("{} {}", n.name, n.ip)).collect();
-    assert_eq!(ips, ["m1 10.200.1.10", "m2 10.200.1.11", "n1 10.200.1.12", "n2 10.200.1.13"]);
+    let ips: Vec<String> = p
+        .nodes
+        .iter()
+        .map(|n| format!("{} {}", n.name, n.ip))
+        .collect();
+    assert_eq!(
+        ips,
+        [
+            "m1 10.200.1.10",
+            "m2 10.200.1.11",
+            "n1 10.200.1.12",
+            "n2 10.200.1.13"
+        ]
+    );
     assert_eq!(p.load_balancer.address, Ipv4Addr::new(10, 200, 1, 15));
     assert_eq!(p.network.bridge, "br0");
     assert_eq!(p.network.gateway_cidr, "10.200.1.1/24");
     assert_eq!(p.cluster.api_service_ip, Ipv4Addr::new(10, 32, 0, 1));
-    assert_eq!(p.node("n1").unwrap().pod_cidr.unwrap().to_string(), "10.100.0.0/24");
-    assert_eq!(p.node("n2").unwrap().pod_cidr.unwrap().to_string(), "10.100.1.0/24");
-    assert_eq!(p.cluster.etcd_initial_cluster, "m1=https://10.200.1.10:2380,m2=https://10.200.1.11:2380");
+    assert_eq!(
+        p.node("n1").unwrap().pod_cidr.unwrap().to_string(),
+        "10.100.0.0/24"
+    );
+    assert_eq!(
+        p.node("n2").unwrap().pod_cidr.unwrap().to_string(),
+        "10.100.1.0/24"
+    );
+    assert_eq!(
+        p.cluster.etcd_initial_cluster,
+        "m1=https://10.200.1.10:2380,m2=https://10.200.1.11:2380"
+    );
 }
 
 #[test]
@@ -109,18 +141,31 @@ fn params() -> impl Strategy<Value = Params> {
         20u8..=26,
         any::<bool>(),
     )
-        .prop_map(|(lab, subnet_b, prefix, controllers, workers, first_offset, lb_gap, pod_a, npp, explicit_names)| Params {
-            lab,
-            subnet_b,
-            prefix,
-            controllers,
-            workers,
-            first_offset,
-            lb_gap,
-            pod_a,
-            node_pod_prefix: npp,
-            explicit_names,
-        })
+        .prop_map(
+            |(
+                lab,
+                subnet_b,
+                prefix,
+                controllers,
+                workers,
+                first_offset,
+                lb_gap,
+                pod_a,
+                npp,
+                explicit_names,
+            )| Params {
+                lab,
+                subnet_b,
+                prefix,
+                controllers,
+                workers,
+                first_offset,
+                lb_gap,
+                pod_a,
+                node_pod_prefix: npp,
+                explicit_names,
+            },
+        )
 }
 
 fn scenario_text(p: &Params) -> String {

@@ -275,7 +275,9 @@ fn every_rule_reports_its_exact_message() {
     for (case, text, expected) in table() {
         let got = problems(&text);
         if got != expected {
-            failures.push(format!("{case}:\n  expected {expected:#?}\n  got      {got:#?}"));
+            failures.push(format!(
+                "{case}:\n  expected {expected:#?}\n  got      {got:#?}"
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

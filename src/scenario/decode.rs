@@ -307,7 +307,11 @@ impl<'n> MapReader<'n> {
         let pos = *cx
             .positions
             .entry(path.to_string())
-            .or_insert(if path.is_empty() { Pos { line: 1, col: 1 } } else { node.pos });
+            .or_insert(if path.is_empty() {
+                Pos { line: 1, col: 1 }
+            } else {
+                node.pos
+            });
         let entries: &'n [(super::yaml::Key, Node)] = match &node.kind {
             Kind::Map(e) => e,
             _ if node.is_null() => &[],

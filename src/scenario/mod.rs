@@ -195,7 +195,11 @@ fn decode_scenario(root: &Node, cx: &mut Ctx, sources: &Sources) -> Option<Scena
     );
     let workers = NodeGroup::read(m.section("workers", cx), "workers", cx, "worker-", 2048);
     let load_balancer = read_lb(m.section("load_balancer", cx), cx);
-    let cluster = read_cluster(m.section("cluster", cx), cx, name.as_deref().unwrap_or("kthw"));
+    let cluster = read_cluster(
+        m.section("cluster", cx),
+        cx,
+        name.as_deref().unwrap_or("kthw"),
+    );
     let versions = read_versions(m.section("versions", cx), cx);
     m.finish(cx);
     Some(Scenario {

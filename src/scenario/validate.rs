@@ -315,12 +315,17 @@ fn check_addresses(s: &Scenario, cx: &mut Ctx) {
     .into_iter()
     .enumerate()
     {
-        if cx.has_errors_at(&format!("{group}.count")) || cx.has_errors_at(&format!("{group}.first_ip")) {
+        if cx.has_errors_at(&format!("{group}.count"))
+            || cx.has_errors_at(&format!("{group}.first_ip"))
+        {
             skip[gi] = true;
             continue;
         }
         let mine: Vec<_> = slots.iter().filter(|x| x.role == role).collect();
-        if mine.iter().any(|x| !x.ip.is_some_and(|ip| is_usable_host(net, ip))) {
+        if mine
+            .iter()
+            .any(|x| !x.ip.is_some_and(|ip| is_usable_host(net, ip)))
+        {
             skip[gi] = true;
             let first = mine
                 .first()
