@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+pub use crate::actions::Phase;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "kthw-lab",
@@ -40,23 +42,6 @@ pub enum Output {
 pub enum StatusOutput {
     Table,
     Json,
-}
-
-/// The phases of `create`, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
-pub enum Phase {
-    Network,
-    Image,
-    Disks,
-    Domains,
-    WaitSsh,
-    Pki,
-    Lb,
-    Etcd,
-    ControlPlane,
-    Workers,
-    Routes,
-    Smoke,
 }
 
 #[derive(Debug, Args)]

@@ -41,7 +41,7 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn not_yet(command: &str, issue: u32) -> Result<()> {
     Err(Error::NotAvailable {
-        command: command.to_string(),
+        what: format!("`kthw-lab {command}`"),
         hint: format!(
             "it is being built (tracked as issue {issue}); `kthw-lab plan SCENARIO` works today"
         ),

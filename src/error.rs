@@ -12,6 +12,8 @@ pub mod exit {
     pub const HOST_PROVISIONING: i32 = 10;
     pub const BOOT_TIMEOUT: i32 = 11;
     pub const BOOTSTRAP: i32 = 12;
+    /// Stopped by Ctrl-C (128 + SIGINT).
+    pub const INTERRUPTED: i32 = 130;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +41,19 @@ pub enum Error {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
-    #[error("`kthw-lab {command}` is not available yet in this version")]
-    NotAvailable { command: String, hint: String },
+    #[error("{what} is not available yet in this version")]
+    NotAvailable { what: String, hint: String },
+    #[error("{what}")]
+    Usage { what: String, hint: String },
+    #[error("interrupted during phase `{phase}`")]
+    Interrupted { phase: String },
+    #[error("phase `{phase}` of lab `{lab}` failed")]
+    Phase {
+        phase: String,
+        lab: String,
+        #[source]
+        source: Box<Error>,
+    },
     #[error("{what}")]
     Other {
         what: String,
@@ -66,6 +79,9 @@ impl Error {
             Error::Boot { .. } => exit::BOOT_TIMEOUT,
             Error::Bootstrap { .. } => exit::BOOTSTRAP,
             Error::NotAvailable { .. } | Error::Other { .. } => exit::OTHER,
+            Error::Usage { .. } => exit::BAD_SCENARIO,
+            Error::Interrupted { .. } => exit::INTERRUPTED,
+            Error::Phase { source, .. } => source.exit_code(),
         }
     }
 
@@ -79,7 +95,18 @@ impl Error {
             | Error::Provision { hint, .. }
             | Error::Boot { hint, .. }
             | Error::Bootstrap { hint, .. }
-            | Error::NotAvailable { hint, .. } => vec![hint.clone()],
+            | Error::NotAvailable { hint, .. }
+            | Error::Usage { hint, .. } => vec![hint.clone()],
+            Error::Interrupted { .. } => vec![
+                "run the same command again to resume; `kthw-lab destroy LAB` removes everything the lab made so far".into(),
+            ],
+            Error::Phase { lab, source, .. } => {
+                let mut h = source.hints();
+                h.push(format!(
+                    "after fixing the cause, run the same command again to resume; `kthw-lab destroy {lab}` removes everything the lab made so far"
+                ));
+                h
+            }
             Error::Other { hint, .. } => hint.iter().cloned().collect(),
         }
     }
