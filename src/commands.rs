@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use clap::CommandFactory;
 
-use crate::cli::{Cli, Command, Output};
+use crate::actions::{self, Cancel, Journal, Progress, Range, RunCtx, RunManifest, Runner};
+use crate::cli::{Cli, Command, Output, StatusOutput};
 use crate::error::{Error, Result};
 use crate::scenario::{self, HostLimits};
 
@@ -21,17 +22,27 @@ pub fn run(cli: Cli) -> Result<()> {
             clap_complete::generate(shell, &mut cmd, "kthw-lab", &mut std::io::stdout());
             Ok(())
         }
-        Command::Create { .. } => not_yet("create", 8),
+        Command::Create {
+            scenario,
+            until,
+            from,
+            connect,
+        } => cmd_create(
+            &scenario,
+            Range { from, until },
+            &connect.connect,
+            &state_dir,
+        ),
         Command::Destroy { .. } => not_yet("destroy", 8),
         Command::Recreate { .. } => not_yet("recreate", 8),
         Command::Reset { .. } => not_yet("reset", 8),
         Command::Start { .. } => not_yet("start", 8),
         Command::Stop { .. } => not_yet("stop", 8),
-        Command::List { .. } => not_yet("list", 8),
+        Command::List { output } => cmd_list(output, &state_dir),
         Command::Status { .. } => not_yet("status", 8),
         Command::Ssh { .. } => not_yet("ssh", 8),
         Command::Kubeconfig { .. } => not_yet("kubeconfig", 5),
-        Command::Logs { .. } => not_yet("logs", 8),
+        Command::Logs { lab, node } => cmd_logs(&lab, &node, &state_dir),
         Command::Lb { .. } => not_yet("lb", 6),
         Command::Image { .. } => not_yet("image", 4),
         Command::Certs { .. } => not_yet("certs", 5),
@@ -57,6 +68,11 @@ pub fn host_limits() -> Result<HostLimits> {
 
 /// Load, validate and plan a scenario file.
 pub fn load_plan(path: &Path, state_dir: &Path) -> Result<crate::plan::LabPlan> {
+    Ok(load_plan_text(path, state_dir)?.0)
+}
+
+/// The plan and the scenario text it came from.
+pub fn load_plan_text(path: &Path, state_dir: &Path) -> Result<(crate::plan::LabPlan, String)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::Other {
         what: format!("cannot read scenario {}", path.display()),
         hint: Some("give the path of a scenario file, e.g. scenarios/2m2w.yaml".into()),
@@ -69,7 +85,8 @@ pub fn load_plan(path: &Path, state_dir: &Path) -> Result<crate::plan::LabPlan> 
         &scenario::Sources::for_scenario(path),
         &host_limits()?,
     )?;
-    Ok(crate::plan::plan(&sc, &text, &absolute(state_dir)))
+    let plan = crate::plan::plan(&sc, &text, &absolute(state_dir));
+    Ok((plan, text))
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -94,4 +111,249 @@ fn cmd_plan(path: &Path, output: Output, state_dir: &Path) -> Result<()> {
     // A closed pipe (e.g. `| head`) is not an error worth reporting.
     let _ = out.write_all(text.as_bytes());
     Ok(())
+}
+
+/// The plan without the scenario's hash: two scenarios that plan the same lab
+/// (comments, key order) are the same lab.
+fn plan_identity(plan: &crate::plan::LabPlan) -> String {
+    let mut p = plan.clone();
+    p.scenario_sha256.clear();
+    p.description = None;
+    p.to_json()
+}
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+fn cmd_create(path: &Path, range: Range, connect: &str, state_dir: &Path) -> Result<()> {
+    let state_dir = absolute(state_dir);
+    let (plan, _text) = load_plan_text(path, &state_dir)?;
+    let saved = crate::state::read_plan(&state_dir, &plan.lab).map_err(|e| {
+        Error::with_source(
+            format!("cannot read the saved plan of lab `{}`", plan.lab),
+            e,
+        )
+    })?;
+    if let Some(old) = &saved {
+        if plan_identity(old) != plan_identity(&plan) {
+            return Err(Error::LabExists {
+                lab: plan.lab.clone(),
+                hint: format!(
+                    "`kthw-lab recreate {}` rebuilds it from this scenario; `kthw-lab destroy {}` removes it",
+                    path.display(),
+                    plan.lab
+                ),
+            });
+        }
+    }
+    let others = crate::state::other_plans(&state_dir, &plan.lab);
+    let findings = crate::host::preflight::check_host(&plan, &state_dir, &others);
+    if !findings.is_empty() {
+        let mut hints: Vec<String> = findings.iter().map(|f| f.hint.clone()).collect();
+        hints.dedup();
+        return Err(Error::Preflight {
+            problems: findings
+                .iter()
+                .map(|f| format!("{}: {}", f.check, f.problem))
+                .collect(),
+            hints,
+        });
+    }
+    crate::state::record_plan(&plan).map_err(|e| {
+        Error::with_source(
+            format!("cannot record the plan in {}", plan.paths.root.display()),
+            e,
+        )
+    })?;
+    let progress = Progress::new();
+    let cancel = Cancel::new();
+    cancel
+        .install_signal_handlers()
+        .map_err(|e| Error::with_source("cannot install the Ctrl-C handler", e))?;
+    let opts = actions::phases::PhaseOptions {
+        connect: connect.to_string(),
+        state_dir: state_dir.clone(),
+    };
+    let runner = Runner::new(actions::phases::actions(&plan, &opts));
+    let plan_sha = sha256_hex(&plan_identity(&plan));
+    let mut journal = Journal::open(&plan.paths.journal, &plan.lab, &plan_sha).map_err(|e| {
+        Error::with_source(
+            format!("cannot read the journal {}", plan.paths.journal.display()),
+            e,
+        )
+    })?;
+    let cx = RunCtx::new(&plan, progress.clone(), cancel);
+    progress.println(&format!(
+        "creating lab `{}` ({} nodes) from {}",
+        plan.lab,
+        plan.nodes.len(),
+        path.display()
+    ));
+    let started = actions::journal::now_unix();
+    let t0 = std::time::Instant::now();
+    let (timings, result) = runner.run(&cx, &mut journal, range);
+    if !timings.is_empty() {
+        eprint!("\n{}", actions::render_timings(&timings));
+    }
+    let manifest = RunManifest {
+        lab: plan.lab.clone(),
+        command: "create".into(),
+        started,
+        seconds: t0.elapsed().as_secs_f64(),
+        result: match &result {
+            Ok(()) => "ok".into(),
+            Err(e) => e.to_string(),
+        },
+        scenario_sha256: plan.scenario_sha256.clone(),
+        plan_sha256: plan_sha,
+        image: plan.image.clone(),
+        versions: plan.versions.clone(),
+        notes: cx.notes.lock().expect("notes lock").clone(),
+        phases: timings,
+    };
+    let mpath = actions::manifest_path(&plan, started, "create");
+    let mut json = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
+    json.push('\n');
+    if let Err(e) = actions::journal::write_atomic(&mpath, json.as_bytes(), 0o600) {
+        tracing::warn!("cannot write the run manifest {}: {e}", mpath.display());
+    }
+    result?;
+    match range.until {
+        Some(p) => eprintln!("lab `{}` is ready up to phase `{p}`", plan.lab),
+        None => eprintln!("lab `{}` is ready", plan.lab),
+    }
+    Ok(())
+}
+
+/// One row per lab with a state dir: its network, nodes and how far it got.
+fn cmd_list(output: StatusOutput, state_dir: &Path) -> Result<()> {
+    #[derive(serde::Serialize)]
+    struct Row {
+        lab: String,
+        nodes: usize,
+        bridge: String,
+        subnet: String,
+        api: String,
+        last_phase: Option<String>,
+        state: String,
+    }
+    let names = crate::state::lab_names(state_dir).map_err(|e| {
+        Error::with_source(format!("cannot list labs under {}", state_dir.display()), e)
+    })?;
+    let mut rows = Vec::new();
+    for name in names {
+        let Ok(Some(plan)) = crate::state::read_plan(state_dir, &name) else {
+            rows.push(Row {
+                lab: name,
+                nodes: 0,
+                bridge: "-".into(),
+                subnet: "-".into(),
+                api: "-".into(),
+                last_phase: None,
+                state: "no readable plan (destroy removes what is left)".into(),
+            });
+            continue;
+        };
+        let journal: Option<Journal> = std::fs::read(&plan.paths.journal)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let last = journal.as_ref().and_then(|j| j.phases.last().cloned());
+        rows.push(Row {
+            lab: plan.lab.clone(),
+            nodes: plan.nodes.len(),
+            bridge: plan.network.bridge.clone(),
+            subnet: plan.network.subnet.to_string(),
+            api: plan.load_balancer.endpoint.clone(),
+            last_phase: last.as_ref().map(|r| r.phase.name().to_string()),
+            state: last
+                .map(|r| crate::plan::table::plain_word(&r.state))
+                .unwrap_or_else(|| "planned".into()),
+        });
+    }
+    let text = match output {
+        StatusOutput::Json => {
+            let mut s = serde_json::to_string_pretty(&rows).expect("rows serialize");
+            s.push('\n');
+            s
+        }
+        StatusOutput::Table if rows.is_empty() => {
+            format!("no labs under {}\n", state_dir.display())
+        }
+        StatusOutput::Table => {
+            let mut t = vec![vec![
+                "LAB".to_string(),
+                "NODES".into(),
+                "BRIDGE".into(),
+                "SUBNET".into(),
+                "API".into(),
+                "LAST PHASE".into(),
+                "STATE".into(),
+            ]];
+            for r in &rows {
+                t.push(vec![
+                    r.lab.clone(),
+                    r.nodes.to_string(),
+                    r.bridge.clone(),
+                    r.subnet.clone(),
+                    r.api.clone(),
+                    r.last_phase.clone().unwrap_or_else(|| "-".into()),
+                    r.state.clone(),
+                ]);
+            }
+            crate::plan::rows_to_text(&t)
+        }
+    };
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    Ok(())
+}
+
+/// A lab's plan by name, or a clear error naming the labs that exist.
+pub fn saved_plan(state_dir: &Path, lab: &str) -> Result<crate::plan::LabPlan> {
+    match crate::state::read_plan(state_dir, lab) {
+        Ok(Some(p)) => Ok(p),
+        Ok(None) => {
+            let names = crate::state::lab_names(state_dir).unwrap_or_default();
+            Err(Error::Other {
+                what: format!("no lab named `{lab}` under {}", state_dir.display()),
+                hint: Some(if names.is_empty() {
+                    "create one with `kthw-lab create SCENARIO`".into()
+                } else {
+                    format!("labs here: {}", names.join(", "))
+                }),
+                source: None,
+            })
+        }
+        Err(e) => Err(Error::with_source(
+            format!("cannot read the plan of lab `{lab}`"),
+            e,
+        )),
+    }
+}
+
+fn cmd_logs(lab: &str, node: &str, state_dir: &Path) -> Result<()> {
+    let plan = saved_plan(state_dir, lab)?;
+    let Some(n) = plan.node(node) else {
+        let names: Vec<&str> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
+        return Err(Error::Other {
+            what: format!("lab `{lab}` has no node `{node}`"),
+            hint: Some(format!("its nodes: {}", names.join(", "))),
+            source: None,
+        });
+    };
+    match std::fs::read(&n.console_log) {
+        Ok(bytes) => {
+            let _ = std::io::stdout().lock().write_all(&bytes);
+            Ok(())
+        }
+        Err(e) => Err(Error::Other {
+            what: format!(
+                "cannot read the console log of `{node}` ({})",
+                n.console_log.display()
+            ),
+            hint: Some("the log appears once the node's VM has started (phase `domains`)".into()),
+            source: Some(Box::new(e)),
+        }),
+    }
 }

@@ -21,8 +21,12 @@ pub enum Error {
     /// The diagnostics are printed by `report`, one per line.
     #[error("invalid scenario {}: {} problem{}", .0.file, .0.diagnostics.len(), if .0.diagnostics.len() == 1 { "" } else { "s" })]
     Scenario(ScenarioError),
-    #[error("preflight check failed: {what}")]
-    Preflight { what: String, hint: String },
+    /// Every failed host check; printed one per line by `report`.
+    #[error("preflight failed: the host is not ready for this lab ({} problem{})", problems.len(), if problems.len() == 1 { "" } else { "s" })]
+    Preflight {
+        problems: Vec<String>,
+        hints: Vec<String>,
+    },
     #[error("lab `{lab}` already exists with a different scenario")]
     LabExists { lab: String, hint: String },
     #[error("host provisioning failed: {what}")]
@@ -90,8 +94,8 @@ impl Error {
             Error::Scenario(_) => {
                 vec!["fix the fields above and run again; nothing on the host was changed".into()]
             }
-            Error::Preflight { hint, .. }
-            | Error::LabExists { hint, .. }
+            Error::Preflight { hints, .. } => hints.clone(),
+            Error::LabExists { hint, .. }
             | Error::Provision { hint, .. }
             | Error::Boot { hint, .. }
             | Error::Bootstrap { hint, .. }
@@ -136,6 +140,11 @@ impl Error {
         if let Error::Scenario(e) = self {
             for d in &e.diagnostics {
                 out.push_str(&format!("  {d}\n"));
+            }
+        }
+        if let Error::Preflight { problems, .. } = self {
+            for p in problems {
+                out.push_str(&format!("  {p}\n"));
             }
         }
         let mut cause = std::error::Error::source(self);

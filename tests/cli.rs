@@ -135,3 +135,104 @@ fn usage_errors_exit_2() {
     let o = run(&["create", "x.yaml", "--until", "nowhere"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// Seed a state dir with the recorded plan of a scenario, as `create` leaves it.
+fn seed_state(state: &std::path::Path, scenario: &str) {
+    let o = Command::new(env!("CARGO_BIN_EXE_kthw-lab"))
+        .args([
+            "--state-dir",
+            state.to_str().unwrap(),
+            "plan",
+            scenario,
+            "-o",
+            "json",
+        ])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let dir = state.join("labs").join(v["lab"].as_str().unwrap());
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("plan.json"), &o.stdout).unwrap();
+}
+
+fn run_in(state: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kthw-lab"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn create_refuses_a_changed_scenario_for_an_existing_lab_before_touching_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    seed_state(dir.path(), "scenarios/1m1w.yaml");
+    let changed = dir.path().join("changed.yaml");
+    let text = std::fs::read_to_string(root().join("scenarios/1m1w.yaml")).unwrap();
+    std::fs::write(
+        &changed,
+        text.replace("address: 10.200.1.15", "address: 10.200.1.16"),
+    )
+    .unwrap();
+    // The changed scenario must still find the shipped network profile.
+    std::fs::create_dir_all(dir.path().join("network")).unwrap();
+    std::fs::copy(
+        root().join("network/default.yaml"),
+        dir.path().join("network/default.yaml"),
+    )
+    .unwrap();
+    let o = run_in(dir.path(), &["create", changed.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(
+        err.starts_with("error: lab `k1m1w` already exists with a different scenario\n"),
+        "{err}"
+    );
+    assert!(err.contains("hint: `kthw-lab recreate"), "{err}");
+    assert!(!dir.path().join("labs/k1m1w/journal.json").exists());
+}
+
+#[test]
+fn list_shows_recorded_labs_and_json_parses() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run_in(dir.path(), &["list"]);
+    assert!(o.status.success());
+    assert!(text(&o.stdout).starts_with("no labs under"));
+    seed_state(dir.path(), "scenarios/1m1w.yaml");
+    seed_state(dir.path(), "scenarios/side-by-side.yaml");
+    let o = run_in(dir.path(), &["list"]);
+    let out = text(&o.stdout);
+    assert!(out.starts_with("LAB"), "{out}");
+    assert!(
+        out.contains("k1m1w") && out.contains("side") && out.contains("br1"),
+        "{out}"
+    );
+    let o = run_in(dir.path(), &["list", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    assert_eq!(v[0]["state"], "planned");
+}
+
+#[test]
+fn logs_names_the_nodes_and_the_missing_log() {
+    let dir = tempfile::tempdir().unwrap();
+    seed_state(dir.path(), "scenarios/1m1w.yaml");
+    let o = run_in(dir.path(), &["logs", "k1m1w", "nope"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("hint: its nodes: controller-0, worker-0"));
+    let o = run_in(dir.path(), &["logs", "k1m1w", "worker-0"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("hint: the log appears once the node's VM has started"));
+    let log = dir.path().join("labs/k1m1w/console/worker-0.log");
+    std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+    std::fs::write(&log, "Debian GNU/Linux 12 worker-0 ttyS0\n").unwrap();
+    let o = run_in(dir.path(), &["logs", "k1m1w", "worker-0"]);
+    assert!(o.status.success());
+    assert_eq!(text(&o.stdout), "Debian GNU/Linux 12 worker-0 ttyS0\n");
+    let o = run_in(dir.path(), &["logs", "other", "worker-0"]);
+    assert!(text(&o.stderr).contains("hint: labs here: k1m1w"));
+}

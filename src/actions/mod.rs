@@ -3,6 +3,7 @@
 
 pub mod journal;
 pub mod phase;
+pub mod phases;
 pub mod progress;
 
 use std::collections::BTreeMap;
@@ -187,7 +188,7 @@ impl Runner {
                         "cannot start at `{from}`: earlier phases have not completed for this plan: {}",
                         missing.join(", ")
                     ),
-                    hint: "run `create` without --from; finished phases are checked quickly and skipped".into(),
+                    hint: "run `create` without --from; finished phases are checked again quickly and left as they are".into(),
                 });
             }
         }
@@ -208,7 +209,9 @@ impl Runner {
                 let done: Vec<&str> = timings.iter().map(|t| t.phase.name()).collect();
                 return Err(Error::NotAvailable {
                     what: format!("phase `{phase}` ({})", phase.describe()),
-                    hint: if done.is_empty() {
+                    hint: if done.is_empty() && self.available().is_empty() {
+                        "this version cannot run any phase yet; `kthw-lab plan` shows the lab it would build".into()
+                    } else if done.is_empty() {
                         format!("this version can run: {}", names(&self.available()))
                     } else {
                         format!(

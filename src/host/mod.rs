@@ -1,3 +1,4 @@
 //! Side effects on the host, behind coarse traits in domain terms.
 
 pub mod facts;
+pub mod preflight;

@@ -3,12 +3,12 @@
 
 use std::net::Ipv4Addr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{ClusterPlan, LbPlan, NodePlan};
 use crate::scenario::Role;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CertUsage {
     /// The cluster CA (self-signed, signs everything else).
@@ -23,7 +23,7 @@ pub enum CertUsage {
     SigningKey,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CertSpec {
     /// File stem in the lab's pki dir: NAME.pem and NAME-key.pem.
     pub name: String,

@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use ipnetwork::Ipv4Network;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::scenario::{Accelerator, KeyAlgorithm, Role, Scenario, Versions};
@@ -19,7 +19,7 @@ pub use table::{render_table, rows_to_text};
 /// Version of the plan's shape; bumped when fields change meaning.
 pub const PLAN_FORMAT: u32 = 1;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LabPlan {
     pub format: u32,
     pub lab: String,
@@ -39,7 +39,7 @@ pub struct LabPlan {
     pub paths: LabPaths,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkPlan {
     pub profile: String,
     pub bridge: String,
@@ -57,7 +57,7 @@ pub struct NetworkPlan {
     pub nft_table: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LbPlan {
     pub name: String,
     pub address: Ipv4Addr,
@@ -68,7 +68,7 @@ pub struct LbPlan {
     pub backends: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterPlan {
     pub name: String,
     pub pod_cidr: Ipv4Network,
@@ -83,7 +83,7 @@ pub struct ClusterPlan {
     pub etcd_initial_cluster: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodePlan {
     pub name: String,
     pub role: Role,
@@ -104,7 +104,7 @@ pub struct NodePlan {
 }
 
 /// Where the lab keeps its files. Every on-disk name of a lab comes from here.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LabPaths {
     pub root: PathBuf,
     pub plan: PathBuf,

@@ -92,7 +92,7 @@ pub fn render_table(p: &LabPlan) -> String {
             format!(
                 "{}  accelerator {}  ssh user {}",
                 p.image,
-                serde_plain(&p.accelerator),
+                plain_word(&p.accelerator),
                 p.ssh_user
             ),
         ],
@@ -172,7 +172,8 @@ pub fn render_table(p: &LabPlan) -> String {
     out
 }
 
-fn serde_plain<T: serde::Serialize>(v: &T) -> String {
+/// A serde unit variant as its plain word (e.g. `Accelerator::Auto` → "auto").
+pub fn plain_word<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_value(v)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))

@@ -3,12 +3,12 @@
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::decode::{Ctx, FromNode, Keyword, MapReader};
 use super::yaml::Node;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Accelerator {
     Auto,
@@ -24,7 +24,7 @@ impl Keyword for Accelerator {
     ];
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KeyAlgorithm {
     #[serde(rename = "ecdsa-p256")]
     EcdsaP256,
@@ -40,7 +40,7 @@ impl Keyword for KeyAlgorithm {
 }
 
 /// The lab network: bridge, node subnet, gateway and NAT.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkProfile {
     pub bridge: String,
     pub subnet: Ipv4Network,
@@ -91,7 +91,7 @@ impl NetworkFields {
 }
 
 /// Controllers or workers: how many and how big.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeGroup {
     pub count: u32,
     pub vcpus: u32,
@@ -187,14 +187,14 @@ impl NodeGroup {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoadBalancer {
     pub name: String,
     pub address: Ipv4Addr,
     pub port: u16,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cluster {
     /// Name used in kubeconfigs.
     pub name: String,
@@ -209,7 +209,7 @@ pub struct Cluster {
 }
 
 /// Component versions installed on the nodes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Versions {
     pub kubernetes: String,
     pub etcd: String,
@@ -242,7 +242,7 @@ pub(crate) const VERSION_FIELDS: &[&str] = &[
 ];
 
 /// A whole scenario with its network profile resolved and defaults applied.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Scenario {
     /// The lab's name: used in domain names, the nft table and the state dir.
     pub name: String,
@@ -270,7 +270,7 @@ impl FromNode for NetworkFields {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Controller,
