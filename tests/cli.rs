@@ -172,10 +172,10 @@ fn create_refuses_a_changed_scenario_for_an_existing_lab_before_touching_anythin
     let dir = tempfile::tempdir().unwrap();
     seed_state(dir.path(), "scenarios/1m1w.yaml");
     let changed = dir.path().join("changed.yaml");
-    let text = std::fs::read_to_string(root().join("scenarios/1m1w.yaml")).unwrap();
+    let original = std::fs::read_to_string(root().join("scenarios/1m1w.yaml")).unwrap();
     std::fs::write(
         &changed,
-        text.replace("address: 10.200.1.15", "address: 10.200.1.16"),
+        original.replace("address: 10.200.1.15", "address: 10.200.1.16"),
     )
     .unwrap();
     // The changed scenario must still find the shipped network profile.

@@ -39,31 +39,6 @@ pub fn labs_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("labs")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn root_uses_var_lib() {
-        assert_eq!(
-            default_state_dir_for(0, None, Some("/root".into())),
-            PathBuf::from("/var/lib/kthw-lab")
-        );
-    }
-
-    #[test]
-    fn users_use_xdg_then_home() {
-        assert_eq!(
-            default_state_dir_for(1000, Some("/x/state".into()), Some("/home/u".into())),
-            PathBuf::from("/x/state/kthw-lab")
-        );
-        assert_eq!(
-            default_state_dir_for(1000, Some("relative".into()), Some("/home/u".into())),
-            PathBuf::from("/home/u/.local/state/kthw-lab")
-        );
-    }
-}
-
 /// The saved plan of a lab, if the lab has a state dir.
 pub fn read_plan(state_dir: &Path, lab: &str) -> std::io::Result<Option<crate::plan::LabPlan>> {
     let p = crate::plan::LabPaths::new(state_dir, lab).plan;
@@ -116,4 +91,29 @@ pub fn other_plans(state_dir: &Path, lab: &str) -> Vec<crate::plan::LabPlan> {
         .filter(|n| n != lab)
         .filter_map(|n| read_plan(state_dir, &n).ok().flatten())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_uses_var_lib() {
+        assert_eq!(
+            default_state_dir_for(0, None, Some("/root".into())),
+            PathBuf::from("/var/lib/kthw-lab")
+        );
+    }
+
+    #[test]
+    fn users_use_xdg_then_home() {
+        assert_eq!(
+            default_state_dir_for(1000, Some("/x/state".into()), Some("/home/u".into())),
+            PathBuf::from("/x/state/kthw-lab")
+        );
+        assert_eq!(
+            default_state_dir_for(1000, Some("relative".into()), Some("/home/u".into())),
+            PathBuf::from("/home/u/.local/state/kthw-lab")
+        );
+    }
 }
