@@ -1,4 +1,9 @@
 //! The phases of `create`, in the order they run.
+//!
+//! Routes come right after etcd because they need nothing but the plan, and the
+//! container runtime is its own phase before the Kubernetes components: on a host
+//! where the Kubernetes binaries cannot be obtained, `--until runtime` still builds
+//! everything else for real.
 
 use serde::{Deserialize, Serialize};
 
@@ -25,14 +30,15 @@ pub enum Phase {
     Pki,
     Lb,
     Etcd,
+    Routes,
+    Runtime,
     ControlPlane,
     Workers,
-    Routes,
     Smoke,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 12] = [
+    pub const ALL: [Phase; 13] = [
         Phase::Network,
         Phase::Image,
         Phase::Disks,
@@ -41,9 +47,10 @@ impl Phase {
         Phase::Pki,
         Phase::Lb,
         Phase::Etcd,
+        Phase::Routes,
+        Phase::Runtime,
         Phase::ControlPlane,
         Phase::Workers,
-        Phase::Routes,
         Phase::Smoke,
     ];
 
@@ -57,6 +64,7 @@ impl Phase {
             Phase::Pki => "pki",
             Phase::Lb => "lb",
             Phase::Etcd => "etcd",
+            Phase::Runtime => "runtime",
             Phase::ControlPlane => "control-plane",
             Phase::Workers => "workers",
             Phase::Routes => "routes",
@@ -76,7 +84,8 @@ impl Phase {
             Phase::Lb => "API load balancer on the host",
             Phase::Etcd => "etcd cluster with TLS on the controllers",
             Phase::ControlPlane => "apiserver, controller-manager, scheduler",
-            Phase::Workers => "containerd, CNI, kubelet, kube-proxy",
+            Phase::Runtime => "kernel modules, sysctls, containerd, runc and CNI on the workers",
+            Phase::Workers => "kubelet and kube-proxy on the workers",
             Phase::Routes => "host-gw pod routes on every node and the host",
             Phase::Smoke => "a deployment and a service across workers",
         }
