@@ -33,7 +33,11 @@ pub fn run(cli: Cli) -> Result<()> {
             &connect.connect,
             &state_dir,
         ),
-        Command::Destroy { .. } => not_yet("destroy", 8),
+        Command::Destroy {
+            lab,
+            purge_cache,
+            connect,
+        } => cmd_destroy(&lab, purge_cache, &connect.connect, &state_dir),
         Command::Recreate { .. } => not_yet("recreate", 8),
         Command::Reset { .. } => not_yet("reset", 8),
         Command::Start { .. } => not_yet("start", 8),
@@ -356,4 +360,71 @@ fn cmd_logs(lab: &str, node: &str, state_dir: &Path) -> Result<()> {
             source: Some(Box::new(e)),
         }),
     }
+}
+
+/// `destroy LAB|SCENARIO`: the lab's name, from a scenario file when given one.
+fn lab_name_of(arg: &str, state_dir: &Path) -> Result<String> {
+    let p = Path::new(arg);
+    if p.is_file() {
+        return Ok(load_plan(p, state_dir)?.lab);
+    }
+    if crate::scenario::validate::is_label(arg, 32) {
+        return Ok(arg.to_string());
+    }
+    Err(Error::Usage {
+        what: format!("`{arg}` is neither a scenario file nor a lab name"),
+        hint: "give a lab name (see `kthw-lab list`) or the scenario file it was created from"
+            .into(),
+    })
+}
+
+fn cmd_destroy(arg: &str, purge_cache: bool, connect: &str, state_dir: &Path) -> Result<()> {
+    let state_dir = absolute(state_dir);
+    let lab = lab_name_of(arg, &state_dir)?;
+    // The plan helps (paths, bridge name) but is not required: removers find the
+    // lab's things by their ownership markers.
+    let plan = crate::state::read_plan(&state_dir, &lab).ok().flatten();
+    let opts = actions::phases::PhaseOptions {
+        connect: connect.to_string(),
+        state_dir: state_dir.clone(),
+    };
+    let progress = Progress::new();
+    progress.println(&format!("destroying lab `{lab}`"));
+    let report = actions::teardown::teardown(
+        &lab,
+        plan.as_ref(),
+        &actions::phases::removers(&opts),
+        &progress,
+    );
+    let report = report.into_result(&lab)?;
+    let lab_dir = crate::plan::LabPaths::new(&state_dir, &lab).root;
+    match std::fs::remove_dir_all(&lab_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(Error::with_source(
+                format!("cannot remove the lab's state dir {}", lab_dir.display()),
+                e,
+            ))
+        }
+    }
+    if purge_cache {
+        let cache = crate::state::cache_dir(&state_dir);
+        match std::fs::remove_dir_all(&cache) {
+            Ok(()) => progress.println(&format!("removed the shared cache {}", cache.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::with_source(
+                    format!("cannot remove the cache {}", cache.display()),
+                    e,
+                ))
+            }
+        }
+    }
+    eprintln!(
+        "lab `{lab}` destroyed in {:.1} s ({} removed, nothing left)",
+        report.seconds,
+        report.removed.len()
+    );
+    Ok(())
 }

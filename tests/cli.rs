@@ -236,3 +236,19 @@ fn logs_names_the_nodes_and_the_missing_log() {
     let o = run_in(dir.path(), &["logs", "other", "worker-0"]);
     assert!(text(&o.stderr).contains("hint: labs here: k1m1w"));
 }
+
+#[test]
+fn destroy_removes_the_state_dir_and_is_safe_to_repeat() {
+    let dir = tempfile::tempdir().unwrap();
+    seed_state(dir.path(), "scenarios/1m1w.yaml");
+    assert!(dir.path().join("labs/k1m1w/plan.json").exists());
+    let o = run_in(dir.path(), &["destroy", "k1m1w"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("lab `k1m1w` destroyed in"));
+    assert!(!dir.path().join("labs/k1m1w").exists());
+    let o = run_in(dir.path(), &["destroy", "scenarios/1m1w.yaml"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = run_in(dir.path(), &["destroy", "Not A Lab"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("is neither a scenario file nor a lab name"));
+}

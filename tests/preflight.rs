@@ -27,7 +27,7 @@ fn shipped(stem: &str) -> LabPlan {
 fn shipped_side_by_side_lab_coexists_with_the_default_one() {
     let a = shipped("2m2w");
     let b = shipped("side-by-side");
-    assert_eq!(lab_conflicts(&a, &[b.clone()]), vec![]);
+    assert_eq!(lab_conflicts(&a, std::slice::from_ref(&b)), vec![]);
     assert_eq!(lab_conflicts(&b, &[a]), vec![]);
 }
 

@@ -5,6 +5,7 @@ pub mod journal;
 pub mod phase;
 pub mod phases;
 pub mod progress;
+pub mod teardown;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

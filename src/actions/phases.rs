@@ -14,3 +14,8 @@ pub struct PhaseOptions {
 pub fn actions(_plan: &LabPlan, _opts: &PhaseOptions) -> Vec<Box<dyn Action>> {
     Vec::new()
 }
+
+/// Everything that removes a lab's things, consumers first.
+pub fn removers(_opts: &PhaseOptions) -> Vec<Box<dyn super::teardown::Remover>> {
+    Vec::new()
+}
