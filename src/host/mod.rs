@@ -1,3 +1,5 @@
 //! Side effects on the host, behind coarse traits in domain terms.
 
 pub mod facts;
+pub mod nat;
+pub mod net;
