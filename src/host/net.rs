@@ -469,11 +469,10 @@ impl NetHost for LinuxNet {
 
     fn remove_network(&self, lab: &str) -> Result<RemovalReport, NetError> {
         let marker = owner_marker(lab);
-        let mut report = RemovalReport::default();
-        // Rules first: while the bridge exists, no forwarding happens without them
-        // being ours to remove anyway.
-        report.tables_removed = nat::remove_tables(&marker)?;
-        let (bridges, routes) = self.run(async |nl| {
+        // Each step finds its targets by marker, so a failure part-way leaves a state
+        // that the next run finishes.
+        let tables_removed = nat::remove_tables(&marker)?;
+        let (bridges_removed, routes_removed) = self.run(async |nl| {
             let mut names = Vec::new();
             let mut routes = Vec::new();
             let links = nl.links().await?;
@@ -488,10 +487,12 @@ impl NetHost for LinuxNet {
             }
             Ok((names, routes))
         })?;
-        report.bridges_removed = bridges;
-        report.routes_removed = routes;
-        report.ip_forward_restored = ForwardRecord::release(&self.state_dir, lab)?;
-        Ok(report)
+        Ok(RemovalReport {
+            bridges_removed,
+            routes_removed,
+            tables_removed,
+            ip_forward_restored: ForwardRecord::release(&self.state_dir, lab)?,
+        })
     }
 
     fn observe(&self, lab: &str) -> Result<NetworkState, NetError> {
