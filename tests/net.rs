@@ -329,6 +329,11 @@ fn create_recreate_remove() {
         assert!(!rr.changed());
 
         let st = host.observe("t1").unwrap();
+        // Callers inside a tokio runtime get the same answer (no nested-runtime panic).
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(rt.block_on(async { host.observe("t1") }).unwrap(), st);
         assert_eq!(st.bridges.len(), 1);
         assert_eq!(st.bridges[0].routes.len(), 2);
         assert_eq!(st.tables, vec!["kthw_t1".to_string()]);
@@ -548,6 +553,16 @@ fn refuses_foreign_bridge_and_table() {
         );
         assert_eq!(before, run_ok("nft", &["-j", "-a", "list", "ruleset"]));
 
+        // An uplink that does not exist is refused before anything is made.
+        sh("nft delete table inet kthw_t3");
+        let mut s2 = s.clone();
+        s2.uplink = Some("nope0".into());
+        let e = host.ensure_network(&s2).unwrap_err();
+        assert_eq!(e.to_string(), "uplink nope0 does not exist");
+        assert!(!link_exists("brt"));
+        sh("nft add table inet kthw_t3; nft add chain inet kthw_t3 c; nft add rule inet kthw_t3 c accept comment '\"kthw-lab:other x\"'");
+        let before = run_ok("nft", &["-j", "-a", "list", "ruleset"]);
+
         // Teardown of lab t3 leaves the foreign things alone.
         sh("ip link add brt type bridge");
         let rm = host.remove_network("t3").unwrap();
@@ -635,7 +650,17 @@ fn removes_half_created_network() {
         sh("ip link del brt");
         let r = host.ensure_network(&s).unwrap();
         assert!(r.bridge_created && !r.nft_table_written && !r.ip_forward_enabled);
+        // Someone set it down and added an address: ensure converges.
+        sh("ip link set brt down; ip addr add 10.77.0.99/24 dev brt");
+        let r = host.ensure_network(&s).unwrap();
+        assert!(r.bridge_set_up && !r.bridge_created, "{r:?}");
+        assert_eq!(r.addresses_removed, vec![net("10.77.0.99/24")]);
+        assert!(r.addresses_added.is_empty() && !r.nft_table_written);
+        assert!(!host.ensure_network(&s).unwrap().changed());
         sh("ip link del brt");
+        // Pod routes need the bridge.
+        let e = host.ensure_pod_routes(&s).unwrap_err();
+        assert!(matches!(e, NetError::BridgeMissing { .. }), "{e:?}");
         let rm = host.remove_network("t5").unwrap();
         assert!(rm.bridges_removed.is_empty());
         assert_eq!(rm.tables_removed, vec!["kthw_t5".to_string()]);

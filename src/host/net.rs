@@ -252,6 +252,10 @@ pub enum NetError {
         route: Ipv4Network,
         dev: String,
     },
+    #[error("bridge {bridge} of lab {lab} does not exist")]
+    BridgeMissing { bridge: String, lab: String },
+    #[error("uplink {uplink} does not exist")]
+    UplinkMissing { uplink: String },
     #[error("pod route {cidr} already exists on {dev}, not on the lab's bridge {bridge}")]
     RouteConflict {
         cidr: Ipv4Network,
@@ -310,6 +314,14 @@ impl NetError {
             NetError::SubnetOverlap { route, dev, .. } => format!(
                 "the lab's subnet collides with {route} on {dev}: choose a free subnet in the \
                  network profile (see `ip -4 route show table all`)"
+            ),
+            NetError::BridgeMissing { .. } => {
+                "create the lab's network first (the `network` phase of `kthw-lab create`)"
+                    .to_string()
+            }
+            NetError::UplinkMissing { uplink } => format!(
+                "set `uplink` in the network profile to an existing interface (see `ip link`), \
+                 or to `auto` for the default route's interface; {uplink} is not one"
             ),
             NetError::RouteConflict { cidr, dev, .. } => format!(
                 "another interface already routes {cidr}: remove it with `ip route del {cidr} \
@@ -388,7 +400,24 @@ impl LinuxNet {
         }
     }
 
-    fn run<T>(&self, f: impl AsyncFnOnce(&Nl) -> Result<T, NetError>) -> Result<T, NetError> {
+    /// Runs `f` with a fresh netlink connection on a private current-thread runtime.
+    /// Called from inside a tokio runtime (where a nested runtime would panic), it
+    /// runs on a helper thread, which inherits the caller's network namespace.
+    fn run<T: Send>(
+        &self,
+        f: impl AsyncFnOnce(&Nl) -> Result<T, NetError> + Send,
+    ) -> Result<T, NetError> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return std::thread::scope(|s| {
+                s.spawn(|| Self::run_here(f))
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+            });
+        }
+        Self::run_here(f)
+    }
+
+    fn run_here<T>(f: impl AsyncFnOnce(&Nl) -> Result<T, NetError>) -> Result<T, NetError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -420,8 +449,14 @@ pub fn default_route_uplink() -> Option<String> {
 impl NetHost for LinuxNet {
     fn ensure_network(&self, spec: &NetworkSpec) -> Result<NetworkReport, NetError> {
         spec.validate()?;
-        // The table is checked first: refusing it must not leave a bridge behind.
+        // Refusals come before any change: they must not leave a bridge behind.
         nat::check_table_owner(&spec.nft_table, &spec.bridge_alias, &spec.lab)?;
+        if let Some(u) = &spec.uplink {
+            let exists = self.run(async |nl| Ok(nl.links().await?.iter().any(|l| &l.name == u)))?;
+            if !exists {
+                return Err(NetError::UplinkMissing { uplink: u.clone() });
+            }
+        }
         let (mut report, bridge) = self.run(async |nl| ensure_bridge(nl, spec).await)?;
 
         let forward = ForwardRecord::acquire(&self.state_dir, &spec.lab)?;
@@ -576,10 +611,9 @@ async fn owned_bridge(nl: &Nl, spec: &NetworkSpec) -> Result<LinkLite, NetError>
             check_bridge_owner(&l, spec)?;
             Ok(l)
         }
-        None => Err(NetError::Netlink {
-            op: "find",
-            resource: format!("bridge {}", spec.bridge),
-            source: rtnetlink::Error::RequestFailed,
+        None => Err(NetError::BridgeMissing {
+            bridge: spec.bridge.clone(),
+            lab: spec.lab.clone(),
         }),
     }
 }
@@ -1201,6 +1235,35 @@ mod tests {
                 write: None
             }
         );
+    }
+
+    #[test]
+    fn spec_from_a_real_plan() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/2m2w.yaml");
+        let text = fs::read_to_string(&path).unwrap();
+        let host = crate::scenario::HostLimits {
+            memory_mib: 1 << 20,
+        };
+        let scenario = crate::scenario::load_file(&path, &host).unwrap();
+        let plan = crate::plan::plan(&scenario, &text, Path::new("/nonexistent"));
+        let s = NetworkSpec::from_plan(&plan);
+        s.validate().unwrap();
+        // remove_network(lab) finds the bridge by the same marker the plan writes.
+        assert_eq!(s.bridge_alias, owner_marker(&plan.lab));
+        assert_eq!(s.nft_table, plan.network.nft_table);
+        assert_eq!(s.gateway_cidr().to_string(), plan.network.gateway_cidr);
+        // The load balancer listens on the bridge.
+        assert_eq!(
+            s.extra_addresses,
+            vec![Ipv4Network::new(plan.load_balancer.address, 32).unwrap()]
+        );
+        // One route per worker, via the worker's address.
+        let workers: Vec<_> = plan.nodes.iter().filter(|n| n.pod_cidr.is_some()).collect();
+        assert_eq!(s.pod_routes.len(), workers.len());
+        assert!(!s.pod_routes.is_empty());
+        for (r, w) in s.pod_routes.iter().zip(workers) {
+            assert_eq!((r.cidr, r.via), (w.pod_cidr.unwrap(), w.ip));
+        }
     }
 
     #[test]
