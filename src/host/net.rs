@@ -512,7 +512,11 @@ impl NetHost for LinuxNet {
             let mut routes = Vec::new();
             let links = nl.links().await?;
             let all_routes = nl.routes_v4().await?;
-            for l in links.iter().filter(|l| l.alias.as_deref() == Some(&marker)) {
+            // Only bridges: the marker is only ever written on a bridge the lab made.
+            let owned = links.iter().filter(|l| {
+                l.alias.as_deref() == Some(&marker) && l.kind.as_deref() == Some("bridge")
+            });
+            for l in owned {
                 routes.extend(pod_routes_on(&all_routes, l.index));
                 match nl.del_link(l.index).await {
                     Ok(()) => names.push(l.name.clone()),
