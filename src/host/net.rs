@@ -141,6 +141,14 @@ impl NetworkSpec {
                 self.bridge_alias
             ));
         }
+        for r in &self.pod_routes {
+            if !self.subnet.contains(r.via) {
+                return bad(format!(
+                    "pod route {} goes via {}, outside subnet {}",
+                    r.cidr, r.via, self.subnet
+                ));
+            }
+        }
         if let Some(u) = &self.uplink {
             if u == &self.bridge {
                 return bad(format!("uplink {u} is the lab's own bridge"));
@@ -540,10 +548,9 @@ impl NetHost for LinuxNet {
             let links = nl.links().await?;
             let routes = nl.routes_v4().await?;
             let mut out = Vec::new();
-            for l in links
-                .into_iter()
-                .filter(|l| l.alias.as_deref() == Some(&marker))
-            {
+            for l in links.into_iter().filter(|l| {
+                l.alias.as_deref() == Some(&marker) && l.kind.as_deref() == Some("bridge")
+            }) {
                 let addresses = nl
                     .addrs_v4(l.index)
                     .await?
@@ -1186,6 +1193,12 @@ mod tests {
         assert!(s.validate().is_err());
         let mut s = spec();
         s.uplink = Some("br0".into());
+        assert!(s.validate().is_err());
+        let mut s = spec();
+        s.pod_routes = vec![PodRoute {
+            cidr: net("10.244.0.0/24"),
+            via: "10.9.9.9".parse().unwrap(),
+        }];
         assert!(s.validate().is_err());
     }
 
