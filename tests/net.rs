@@ -718,6 +718,18 @@ fn two_labs_coexist() {
         );
         assert!(!host.ensure_network(&a).unwrap().changed());
         assert!(!host.ensure_network(&b).unwrap().changed());
+        // A changed profile rewrites the table in place (NAT turned on for lab-b).
+        let mut b_nat = b.clone();
+        b_nat.nat = true;
+        let r = host.ensure_network(&b_nat).unwrap();
+        assert!(r.nft_table_written && !r.bridge_created, "{r:?}");
+        assert_eq!(
+            nft_objects(&ruleset(), "chain")
+                .filter(|c| c["table"] == "kthw_lab_b")
+                .count(),
+            2
+        );
+        assert!(host.ensure_network(&b).unwrap().nft_table_written);
 
         let rm = host.remove_network("lab-a").unwrap();
         assert_eq!(rm.bridges_removed, vec!["bra".to_string()]);
