@@ -674,6 +674,33 @@ fn removes_half_created_network() {
         assert!(rm.ip_forward_restored);
         assert_eq!(ruleset()["nftables"].as_array().unwrap().len(), 1);
         check_state_dir_is_clean(ctx.state.path());
+
+        // A failure part-way: an `nft` on PATH that lists the real ruleset but fails
+        // every write, after the bridge and ip_forward are done. The error carries
+        // nft's own words; remove (with the real nft) cleans up.
+        let bin = ctx.state.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let fake = bin.join("nft");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\ncase \"$*\" in *-f*) echo 'Error: injected write failure' >&2; exit 1;; esac\nexec /usr/sbin/nft \"$@\"\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = std::env::var("PATH").unwrap();
+        // SAFETY: the inner run is single-threaded (--test-threads=1).
+        unsafe { std::env::set_var("PATH", format!("{}:{path}", bin.display())) };
+        let e = host.ensure_network(&s).unwrap_err();
+        unsafe { std::env::set_var("PATH", path) };
+        println!("{e}\nhint: {}", e.hint());
+        assert!(matches!(e, NetError::Nft { .. }), "{e:?}");
+        assert!(e.to_string().contains("injected write failure"), "{e}");
+        assert!(link_exists("brt"));
+        let rm = host.remove_network("t5").unwrap();
+        assert_eq!(rm.bridges_removed, vec!["brt".to_string()]);
+        assert!(rm.ip_forward_restored);
+        assert_eq!(ip_forward(), "0");
     });
 }
 

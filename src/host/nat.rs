@@ -228,34 +228,71 @@ struct TableView {
     rule_comments: Vec<Option<String>>,
 }
 
-fn nft_err(op: &'static str, table: &str) -> impl FnOnce(NftablesError) -> NetError {
-    let table = table.to_string();
-    move |e| NetError::Nft {
-        op,
-        table,
-        detail: nft_detail(&e),
-    }
-}
-
 /// The error with the tail of nft's stderr, one line.
 fn nft_detail(e: &NftablesError) -> String {
     match e {
         NftablesError::NftFailed { stderr, .. } => {
-            let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-            let tail = lines[lines.len().saturating_sub(3)..].join(" / ");
-            format!("{}: {}", e, tail.trim())
+            format!("{e}: {}", tail_lines(stderr, 3))
         }
         _ => e.to_string(),
     }
 }
 
-fn ruleset(table_for_errors: &str) -> Result<Value, NetError> {
-    let raw = helper::get_current_ruleset_raw(helper::DEFAULT_NFT, helper::DEFAULT_ARGS)
-        .map_err(nft_err("list the ruleset around", table_for_errors))?;
-    serde_json::from_str(&raw).map_err(|e| NetError::Nft {
-        op: "parse the ruleset around",
-        table: table_for_errors.to_string(),
-        detail: e.to_string(),
+/// `nft -j -f -` with the batch on stdin. Not `helper::apply_ruleset`: that one lets
+/// nft's stderr through to ours and reports an empty one, and the error must carry
+/// nft's own message.
+fn apply(batch: &Nftables, op: &'static str, table: &str) -> Result<(), NetError> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let fail = |detail: String| NetError::Nft {
+        op,
+        table: table.to_string(),
+        detail,
+    };
+    let payload = serde_json::to_vec(batch).expect("batch serializes");
+    let mut child = Command::new("nft")
+        .args(["-j", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("cannot run nft: {e}")))?;
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let written = stdin.write_all(&payload);
+    drop(stdin);
+    let out = child
+        .wait_with_output()
+        .map_err(|e| fail(format!("cannot wait for nft: {e}")))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail = tail_lines(&stderr, 3);
+    Err(fail(match (tail.is_empty(), written) {
+        (false, _) => format!("{}: {tail}", out.status),
+        (true, Err(e)) => format!("{}; writing its input failed: {e}", out.status),
+        (true, Ok(())) => format!("{} with no message", out.status),
+    }))
+}
+
+/// The last `n` non-empty lines, joined on one line.
+fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join(" / ")
+}
+
+fn ruleset() -> Result<Value, NetError> {
+    let raw = helper::get_current_ruleset_raw(helper::DEFAULT_NFT, helper::DEFAULT_ARGS).map_err(
+        |e| NetError::NftList {
+            detail: nft_detail(&e),
+        },
+    )?;
+    serde_json::from_str(&raw).map_err(|e| NetError::NftList {
+        detail: format!("invalid JSON from nft -j: {e}"),
     })
 }
 
@@ -309,7 +346,7 @@ fn carries_marker(t: &TableView, marker: &str) -> bool {
 
 /// Err when an inet table named `table` exists without the lab's marker.
 pub fn check_table_owner(table: &str, marker: &str, lab: &str) -> Result<(), NetError> {
-    let rs = ruleset(table)?;
+    let rs = ruleset()?;
     match inet_tables(&rs).into_iter().find(|t| t.name == table) {
         Some(t) if !carries_marker(&t, marker) => Err(NetError::TableNotOwned {
             table: table.to_string(),
@@ -322,7 +359,7 @@ pub fn check_table_owner(table: &str, marker: &str, lab: &str) -> Result<(), Net
 /// Write the lab's table unless it is already exactly as wanted. Returns whether it
 /// was written.
 pub fn ensure_table(rules: &LabRules) -> Result<bool, NetError> {
-    let rs = ruleset(&rules.table)?;
+    let rs = ruleset()?;
     let comment = rules.comment();
     if let Some(t) = inet_tables(&rs).into_iter().find(|t| t.name == rules.table) {
         if !carries_marker(&t, &rules.marker) {
@@ -342,13 +379,13 @@ pub fn ensure_table(rules: &LabRules) -> Result<bool, NetError> {
             return Ok(false);
         }
     }
-    helper::apply_ruleset(&rules.batch()).map_err(nft_err("write", &rules.table))?;
+    apply(&rules.batch(), "write", &rules.table)?;
     Ok(true)
 }
 
 /// The inet tables whose rules carry `marker`.
 pub fn owned_tables(marker: &str) -> Result<Vec<String>, NetError> {
-    let rs = ruleset(marker)?;
+    let rs = ruleset()?;
     Ok(inet_tables(&rs)
         .into_iter()
         .filter(|t| carries_marker(t, marker))
@@ -370,14 +407,14 @@ pub fn remove_tables(marker: &str) -> Result<Vec<String>, NetError> {
             handle: None,
         }));
     }
-    helper::apply_ruleset(&b.to_nftables()).map_err(nft_err("delete", &names.join(",")))?;
+    apply(&b.to_nftables(), "delete", &names.join(","))?;
     Ok(names)
 }
 
 /// Base chains of other ip/inet tables on the forward hook with policy drop: they
 /// drop the lab's routed traffic whatever our table accepts.
 pub fn foreign_forward_drop_warnings(own_table: &str) -> Result<Vec<String>, NetError> {
-    let rs = ruleset(own_table)?;
+    let rs = ruleset()?;
     Ok(forward_drop_chains(&rs, own_table)
         .into_iter()
         .map(|(fam, t, c)| {

@@ -141,6 +141,18 @@ impl NetworkSpec {
                 self.bridge_alias
             ));
         }
+        let table_ok = !self.nft_table.is_empty()
+            && self.nft_table.len() <= 64
+            && self
+                .nft_table
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !table_ok {
+            return bad(format!(
+                "nft table name `{}` must have 1 to 64 letters, digits or `_`",
+                self.nft_table
+            ));
+        }
         for r in &self.pod_routes {
             if !self.subnet.contains(r.via) {
                 return bad(format!(
@@ -270,6 +282,8 @@ pub enum NetError {
         dev: String,
         bridge: String,
     },
+    #[error("nft could not list the ruleset: {detail}")]
+    NftList { detail: String },
     #[error("nft could not {op} table inet {table}: {detail}")]
     Nft {
         op: &'static str,
@@ -335,6 +349,10 @@ impl NetError {
                 "another interface already routes {cidr}: remove it with `ip route del {cidr} \
                  dev {dev}` if it is a leftover, or choose another cluster pod CIDR"
             ),
+            NetError::NftList { .. } => {
+                "check that nftables is installed and works: run `nft list ruleset` as root"
+                    .to_string()
+            }
             NetError::Nft { table, .. } => format!(
                 "check that nftables is available (`nft list ruleset`) and run as root; inspect \
                  with `nft list table inet {table}`"
@@ -1193,6 +1211,9 @@ mod tests {
         assert!(s.validate().is_err());
         let mut s = spec();
         s.uplink = Some("br0".into());
+        assert!(s.validate().is_err());
+        let mut s = spec();
+        s.nft_table = "kthw t".into();
         assert!(s.validate().is_err());
         let mut s = spec();
         s.pod_routes = vec![PodRoute {
