@@ -140,6 +140,18 @@ pub fn check_host(plan: &LabPlan, state_dir: &Path, others: &[LabPlan]) -> Vec<F
         }),
     }
     out.extend(lab_conflicts(plan, others));
+    for (what, range) in [
+        ("node subnet", plan.network.subnet),
+        ("pod range", plan.cluster.pod_cidr),
+    ] {
+        if let Err(e) = crate::host::net::check_subnet_free(range, Some(&plan.network.bridge)) {
+            out.push(Finding {
+                check: "host routes",
+                problem: format!("the lab's {what}: {e}"),
+                hint: e.hint(),
+            });
+        }
+    }
     out
 }
 
