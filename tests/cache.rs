@@ -38,7 +38,7 @@ struct Seen {
 
 #[derive(Default)]
 struct State {
-    files: Mutex<HashMap<String, Vec<u8>>>,
+    files: Mutex<HashMap<String, Arc<Vec<u8>>>>,
     behaviour: Mutex<Behaviour>,
     requests: Mutex<Vec<Seen>>,
     body_bytes: AtomicU64,
@@ -76,7 +76,7 @@ impl Server {
             .files
             .lock()
             .unwrap()
-            .insert(format!("/{}", path.trim_start_matches('/')), body);
+            .insert(format!("/{}", path.trim_start_matches('/')), Arc::new(body));
     }
 
     fn behave(&self, f: impl FnOnce(&mut Behaviour)) {
@@ -151,7 +151,7 @@ fn handle(conn: TcpStream, st: &State) -> std::io::Result<()> {
         return Ok(());
     };
     if wrong {
-        for b in body.iter_mut() {
+        for b in Arc::make_mut(&mut body).iter_mut() {
             *b ^= 0x5a;
         }
     }
@@ -320,7 +320,15 @@ fn resumes_with_range_after_a_cut_connection() {
     srv.behave(|b| b.cut_after = Some((300_000, 1)));
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("big.img");
-    let got = fetch(&dest, &srv.url("big.img"), &sum(Algorithm::Sha256, &data)).unwrap();
+    // The bar mode (indicatif hides itself when stderr is not a terminal).
+    let got = run(kthw_lab::cache::fetch_with(
+        &opts(),
+        &[srv.url("big.img")],
+        &sum(Algorithm::Sha256, &data),
+        &dest,
+        Progress::Bar,
+    ))
+    .unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     let reqs = srv.requests();
     assert_eq!(reqs.len(), 2, "{reqs:?}");
@@ -527,6 +535,81 @@ fn two_threads_fetching_the_same_entry_download_once() {
         "one downloaded, the other found it done"
     );
     assert_eq!(std::fs::read(&results[0].disk).unwrap(), data);
+}
+
+/// Run by the test below in two child processes (the test binary itself).
+#[test]
+#[ignore = "helper: run as a child process by two_processes_fetching_the_same_file_download_once"]
+fn child_process_fetch() {
+    let Ok(url) = std::env::var("KTHW_CACHE_TEST_URL") else {
+        return;
+    };
+    let dest = PathBuf::from(std::env::var("KTHW_CACHE_TEST_DEST").unwrap());
+    let expected: Checksum = std::env::var("KTHW_CACHE_TEST_SUM")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let got = run(kthw_lab::cache::fetch_with(
+        &opts(),
+        &[url],
+        &expected,
+        &dest,
+        Progress::Lines,
+    ))
+    .unwrap();
+    println!("TRANSFERRED={}", got.transferred);
+}
+
+#[test]
+fn two_processes_fetching_the_same_file_download_once() {
+    let srv = Server::start();
+    let data = content(1 << 20, 14);
+    srv.put("p/x.img", data.clone());
+    srv.behave(|b| b.slow = Some(Duration::from_millis(20)));
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("components/x.img");
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "child_process_fetch", "--ignored", "--nocapture"])
+                .env("KTHW_CACHE_TEST_URL", srv.url("p/x.img"))
+                .env("KTHW_CACHE_TEST_DEST", &dest)
+                .env(
+                    "KTHW_CACHE_TEST_SUM",
+                    sum(Algorithm::Sha256, &data).to_string(),
+                )
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut transferred = Vec::new();
+    let mut waited = false;
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        waited |= stderr.contains("waiting for another kthw-lab");
+        transferred.extend(
+            stdout
+                .lines()
+                .filter_map(|l| l.strip_prefix("TRANSFERRED="))
+                .map(|n| n.parse::<u64>().unwrap()),
+        );
+    }
+    transferred.sort();
+    assert_eq!(
+        transferred,
+        [0, 1 << 20],
+        "one downloaded, the other found it done"
+    );
+    // Usually (not always, under load) the second one starts while the first still
+    // downloads and says that it waits; either way only one request reaches the server.
+    eprintln!("second process waited for the lock: {waited}");
+    assert_eq!(srv.requests().len(), 1);
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
 }
 
 // ---------------------------------------------------------------- checksum lists
@@ -962,4 +1045,52 @@ fn a_failed_first_build_leaves_nothing_behind() {
         err.to_string().contains("images/kthw-debian12/build.sh"),
         "{err}"
     );
+}
+
+// ---------------------------------------------------------------- measurements
+
+/// Throughput from loopback and verify time for a 600 MB image. Run with
+/// `cargo nextest run --release --test cache --run-ignored only --no-capture measure`.
+#[test]
+#[ignore = "a measurement: 600 MB through loopback, run it in release"]
+fn measure_600mb_download_and_verify() {
+    const LEN: usize = 600_000_000;
+    let srv = Server::start();
+    let data = content(LEN, 13);
+    let t = std::time::Instant::now();
+    let sha256 = sum(Algorithm::Sha256, &data);
+    let h256 = t.elapsed();
+    let t = std::time::Instant::now();
+    let sha512 = sum(Algorithm::Sha512, &data);
+    let h512 = t.elapsed();
+    srv.put("big/disk.img", data);
+    let mb = LEN as f64 / 1e6;
+    eprintln!(
+        "in-memory hash of 600 MB: sha256 {:.2}s ({:.0} MB/s), sha512 {:.2}s ({:.0} MB/s)",
+        h256.as_secs_f64(),
+        mb / h256.as_secs_f64(),
+        h512.as_secs_f64(),
+        mb / h512.as_secs_f64()
+    );
+    for (alg, expected) in [("sha256", &sha256), ("sha512", &sha512)] {
+        let root = catalog_root(&[(
+            "big",
+            &download_entry(&srv.url("big/disk.img"), &format!("checksum: {expected}")),
+        )]);
+        let cat = Catalog::load(&[root.path().to_path_buf()]).unwrap();
+        let cache_dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let cache = Cache::at(cache_dir.path()).with_options(opts());
+        let t = std::time::Instant::now();
+        let img = run(cache.ensure_image(&cat, "big", Progress::Lines)).unwrap();
+        let dl = t.elapsed();
+        assert!(img.fetched);
+        let v = cache.verify_image(&cat, "big").unwrap();
+        eprintln!(
+            "{alg}: download+hash+fsync of 600 MB from loopback {:.2}s ({:.0} MB/s); verify {:.2}s ({:.0} MB/s)",
+            dl.as_secs_f64(),
+            mb / dl.as_secs_f64(),
+            v.elapsed.as_secs_f64(),
+            mb / v.elapsed.as_secs_f64()
+        );
+    }
 }

@@ -194,7 +194,7 @@ pub struct CatalogError {
 
 impl CatalogError {
     pub fn hint(&self) -> String {
-        "fix the catalog files listed above (images/NAME.yaml); see images/README in a checkout for the fields".into()
+        "fix the catalog files listed above (images/NAME.yaml); the shipped images/*.yaml show every field with comments".into()
     }
 
     /// The error and one line per diagnostic.

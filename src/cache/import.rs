@@ -262,6 +262,7 @@ async fn import_one(
         }],
     }
     .write(&manifest_path)?;
+    super::remove_strays(&entry_dir, &[file.as_str(), super::ENTRY_MANIFEST]);
     Ok(Some((actual, size)))
 }
 

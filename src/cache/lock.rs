@@ -34,7 +34,7 @@ pub async fn lock(path: &Path, what: &str, progress: Progress) -> Result<EntryLo
     let file = open(path)?;
     if fs2::FileExt::try_lock_exclusive(&file).is_err() {
         progress.note(&format!(
-            "waiting for another kthw-lab that is fetching {what} (lock {})",
+            "waiting for another kthw-lab that is fetching or building {what} (lock {})",
             path.display()
         ));
         let owned = path.to_path_buf();
@@ -59,7 +59,7 @@ pub fn lock_blocking(path: &Path, what: &str, progress: Progress) -> Result<Entr
     let file = open(path)?;
     if fs2::FileExt::try_lock_exclusive(&file).is_err() {
         progress.note(&format!(
-            "waiting for another kthw-lab that is fetching {what} (lock {})",
+            "waiting for another kthw-lab that is fetching or building {what} (lock {})",
             path.display()
         ));
         fs2::FileExt::lock_exclusive(&file).map_err(|e| CacheError::io("lock", path, e))?;

@@ -261,7 +261,7 @@ impl Cache {
         let size = match kept {
             Some(n) => n,
             None => {
-                let label = format!("{} ({file})", spec.name);
+                let label = format!("{}/{file}", spec.name);
                 let got = fetch::download_verified(
                     &client, &self.opts, urls, &expected, &dest, &label, progress,
                 )
@@ -284,6 +284,7 @@ impl Cache {
             }],
         };
         m.write(&manifest_path)?;
+        remove_strays(&dir, &[file.as_str(), ENTRY_MANIFEST]);
         Ok(m)
     }
 
@@ -421,6 +422,21 @@ fn lookup<'c>(catalog: &'c Catalog, name: &str) -> Result<&'c ImageSpec, CacheEr
         name: name.to_string(),
         available: catalog.names(),
     })
+}
+
+/// Remove files an earlier catalog entry left in an image directory (say, the
+/// previous upstream file name), keeping `keep` and unfinished `.part` files.
+pub(crate) fn remove_strays(dir: &Path, keep: &[&str]) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_file = e.file_type().is_ok_and(|t| t.is_file());
+        if is_file && !keep.contains(&name.as_str()) && !name.ends_with(".part") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 pub(crate) fn remove_if_exists(path: &Path) -> Result<(), CacheError> {

@@ -30,8 +30,9 @@ impl Progress {
 
     /// A one-off message (waiting for a lock, retrying, ...).
     pub(crate) fn note(self, msg: &str) {
-        tracing::info!("{msg}");
-        if self != Progress::Quiet {
+        if self == Progress::Quiet {
+            tracing::info!("{msg}");
+        } else {
             eprintln!("kthw-lab: {msg}");
         }
     }
