@@ -28,12 +28,15 @@ struct Behaviour {
     fail_first: Vec<u16>,
     /// Pause between 64 KiB chunks (to make downloads overlap).
     slow: Option<Duration>,
+    /// Send this ETag; honour Range only when If-Range (if sent) equals it.
+    etag: Option<String>,
 }
 
 #[derive(Debug, Clone)]
 struct Seen {
     path: String,
     range: Option<String>,
+    if_range: Option<String>,
 }
 
 #[derive(Default)]
@@ -108,6 +111,7 @@ fn handle(conn: TcpStream, st: &State) -> std::io::Result<()> {
     reader.read_line(&mut line)?;
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
     let mut range = None;
+    let mut if_range = None;
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h)? == 0 || h == "\r\n" {
@@ -117,14 +121,18 @@ fn handle(conn: TcpStream, st: &State) -> std::io::Result<()> {
             if k.eq_ignore_ascii_case("range") {
                 range = Some(v.trim().to_string());
             }
+            if k.eq_ignore_ascii_case("if-range") {
+                if_range = Some(v.trim().to_string());
+            }
         }
     }
     st.requests.lock().unwrap().push(Seen {
         path: path.clone(),
         range: range.clone(),
+        if_range: if_range.clone(),
     });
     let mut out = conn;
-    let (status_override, cut, ignore_range, wrong, slow) = {
+    let (status_override, cut, mut ignore_range, wrong, slow, etag) = {
         let mut b = st.behaviour.lock().unwrap();
         let s = (!b.fail_first.is_empty()).then(|| b.fail_first.remove(0));
         let cut = match &mut b.cut_after {
@@ -134,8 +142,20 @@ fn handle(conn: TcpStream, st: &State) -> std::io::Result<()> {
             }
             _ => None,
         };
-        (s, cut, b.ignore_range, b.wrong_content, b.slow)
+        (
+            s,
+            cut,
+            b.ignore_range,
+            b.wrong_content,
+            b.slow,
+            b.etag.clone(),
+        )
     };
+    // RFC 9110 If-Range: a validator that does not match means "send it all".
+    if if_range.is_some() && if_range != etag {
+        ignore_range = true;
+    }
+    let etag_line = etag.map(|e| format!("ETag: {e}\r\n")).unwrap_or_default();
     if let Some(code) = status_override {
         write!(
             out,
@@ -173,14 +193,14 @@ fn handle(conn: TcpStream, st: &State) -> std::io::Result<()> {
         }
         Some(s) => (
             format!(
-                "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {s}-{}/{len}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                "HTTP/1.1 206 Partial Content\r\n{etag_line}Content-Range: bytes {s}-{}/{len}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 len - 1,
                 len - s
             ),
             &body[s as usize..],
         ),
         None => (
-            format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"),
+            format!("HTTP/1.1 200 OK\r\n{etag_line}Content-Length: {len}\r\nConnection: close\r\n\r\n"),
             &body[..],
         ),
     };
@@ -317,7 +337,10 @@ fn resumes_with_range_after_a_cut_connection() {
     let srv = Server::start();
     let data = content(1_000_000, 2);
     srv.put("big.img", data.clone());
-    srv.behave(|b| b.cut_after = Some((300_000, 1)));
+    srv.behave(|b| {
+        b.cut_after = Some((300_000, 1));
+        b.etag = Some("\"v1\"".into());
+    });
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("big.img");
     // The bar mode (indicatif hides itself when stderr is not a terminal).
@@ -340,6 +363,8 @@ fn resumes_with_range_after_a_cut_connection() {
         .and_then(|r| r.strip_suffix('-'))
         .and_then(|n| n.parse().ok())
         .expect("the second request asks for a range");
+    assert_eq!(reqs[1].if_range.as_deref(), Some("\"v1\""));
+    assert!(!PathBuf::from(format!("{}.part.validator", dest.display())).exists());
     assert!(
         (300_000 - (64 << 10)..=300_000).contains(&resumed_at),
         "{resumed_at}"
@@ -365,6 +390,29 @@ fn resumes_a_part_left_by_an_earlier_run() {
     assert_eq!(got.resumed_from, 123_456);
     assert_eq!(got.transferred, 500_000 - 123_456);
     assert_eq!(srv.body_bytes(), 500_000 - 123_456);
+}
+
+#[test]
+fn a_part_of_a_file_that_changed_upstream_is_replaced_not_extended() {
+    let srv = Server::start();
+    let old = content(300_000, 15);
+    let new = content(300_000, 16);
+    srv.put("cur/x.img", new.clone());
+    srv.behave(|b| b.etag = Some("\"v2\"".into()));
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("x.img");
+    std::fs::write(part_of(&dest), &old[..100_000]).unwrap();
+    std::fs::write(format!("{}.part.validator", dest.display()), "\"v1\"").unwrap();
+    let got = fetch(&dest, &srv.url("cur/x.img"), &sum(Algorithm::Sha256, &new)).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), new);
+    let reqs = srv.requests();
+    assert_eq!(
+        reqs.len(),
+        1,
+        "one request, no failed verification: {reqs:?}"
+    );
+    assert_eq!(reqs[0].if_range.as_deref(), Some("\"v1\""));
+    assert_eq!(got.transferred, 300_000);
 }
 
 #[test]

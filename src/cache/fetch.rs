@@ -7,13 +7,15 @@
 //! already whole or unusable. Transient failures (connection, timeout, cut stream,
 //! 408/429/5xx) are retried a bounded number of times with exponential backoff; the
 //! digest is checked before the rename into place, and a `.part` that fails the
-//! check is deleted.
+//! check is deleted. The server's validator (a strong ETag, else Last-Modified) is
+//! kept in `DEST.part.validator` and sent as `If-Range`, so a part of a file that
+//! changed upstream since (a rebuilt "current" image) is replaced, not extended.
 
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use reqwest::header::{CONTENT_RANGE, RANGE};
+use reqwest::header::{CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
 
 use super::checksum::{Algorithm, Checksum, Hasher};
 use super::error::CacheError;
@@ -260,6 +262,7 @@ async fn download_one(
                 .and_then(|f| f.sync_all())
                 .and_then(|()| std::fs::rename(&part, dest));
             res.map_err(|e| CacheError::io("move into place", dest, e))?;
+            let _ = std::fs::remove_file(validator_path(&part));
             manifest::sync_parent(dest);
             reporter.finish("verified");
             return Ok(Fetched {
@@ -273,7 +276,7 @@ async fn download_one(
             });
         }
         reporter.finish("failed verification");
-        let _ = std::fs::remove_file(&part);
+        discard_part(&part);
         if t.used_range && !from_scratch_again {
             // The pieces may come from two versions of an upstream file that changed
             // between attempts: one clean download decides.
@@ -321,6 +324,28 @@ pub(crate) fn parse_content_range(v: &str) -> Option<ContentRange> {
         }
     };
     Some((range, total))
+}
+
+fn validator_path(part: &Path) -> PathBuf {
+    sibling(part, ".validator")
+}
+
+/// Remove a partial download and its validator.
+fn discard_part(part: &Path) {
+    let _ = std::fs::remove_file(part);
+    let _ = std::fs::remove_file(validator_path(part));
+}
+
+/// What `If-Range` may carry: a strong ETag, else Last-Modified.
+fn response_validator(h: &reqwest::header::HeaderMap) -> Option<String> {
+    let get = |k| {
+        h.get(k)
+            .and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok())
+    };
+    get(ETAG)
+        .filter(|e| !e.starts_with("W/"))
+        .or_else(|| get(LAST_MODIFIED))
+        .map(str::to_string)
 }
 
 fn hash_prefix(algorithm: Algorithm, path: &Path) -> std::io::Result<(Hasher, u64)> {
@@ -372,6 +397,14 @@ async fn transfer(
         hasher = h;
         have = n;
     }
+    let mut validator = if have > 0 {
+        std::fs::read_to_string(validator_path(part))
+            .ok()
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    } else {
+        None
+    };
     let resumed_from = have;
     let mut used_range = have > 0;
     let mut transferred = 0u64;
@@ -412,6 +445,9 @@ async fn transfer(
         let mut req = client.get(url);
         if have > 0 {
             req = req.header(RANGE, format!("bytes={have}-"));
+            if let Some(v) = &validator {
+                req = req.header(IF_RANGE, v.as_str());
+            }
         }
         let mut resp = match req.send().await {
             Ok(r) => r,
@@ -479,7 +515,8 @@ async fn transfer(
                 ));
                 have = 0;
                 hasher = Hasher::new(algorithm);
-                let _ = std::fs::remove_file(part);
+                discard_part(part);
+                validator = None;
                 failures += 1;
                 last_err = Some(msg("416 range not satisfiable".into()));
                 continue;
@@ -497,6 +534,22 @@ async fn transfer(
             }
         };
         reporter.start(have, total);
+        let now = response_validator(resp.headers());
+        if now != validator {
+            let vp = validator_path(part);
+            let res = match &now {
+                Some(v) => std::fs::write(&vp, v),
+                None => std::fs::remove_file(&vp).or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                }),
+            };
+            res.map_err(|e| CacheError::io("write", &vp, e))?;
+            validator = now;
+        }
 
         let file = if append {
             std::fs::OpenOptions::new().append(true).open(part)
