@@ -30,6 +30,8 @@ struct Behaviour {
     slow: Option<Duration>,
     /// Send this ETag; honour Range only when If-Range (if sent) equals it.
     etag: Option<String>,
+    /// When cutting, hold the connection open silently this long instead of closing.
+    stall: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -132,7 +134,7 @@ fn handle(conn: TcpStream, st: &State) -> std::io::Result<()> {
         if_range: if_range.clone(),
     });
     let mut out = conn;
-    let (status_override, cut, mut ignore_range, wrong, slow, etag) = {
+    let (status_override, cut, mut ignore_range, wrong, slow, etag, stall) = {
         let mut b = st.behaviour.lock().unwrap();
         let s = (!b.fail_first.is_empty()).then(|| b.fail_first.remove(0));
         let cut = match &mut b.cut_after {
@@ -149,6 +151,7 @@ fn handle(conn: TcpStream, st: &State) -> std::io::Result<()> {
             b.wrong_content,
             b.slow,
             b.etag.clone(),
+            b.stall,
         )
     };
     // RFC 9110 If-Range: a validator that does not match means "send it all".
@@ -218,6 +221,9 @@ fn handle(conn: TcpStream, st: &State) -> std::io::Result<()> {
         }
     }
     out.flush()?;
+    if let (Some(_), Some(d)) = (cut, stall) {
+        std::thread::sleep(d);
+    }
     // Dropping the stream closes it: short of Content-Length when cut.
     Ok(())
 }
@@ -413,6 +419,38 @@ fn a_part_of_a_file_that_changed_upstream_is_replaced_not_extended() {
     );
     assert_eq!(reqs[0].if_range.as_deref(), Some("\"v1\""));
     assert_eq!(got.transferred, 300_000);
+}
+
+#[test]
+fn a_stalled_connection_times_out_and_resumes() {
+    let srv = Server::start();
+    let data = content(400_000, 17);
+    srv.put("x.img", data.clone());
+    srv.behave(|b| {
+        b.cut_after = Some((150_000, 1));
+        b.stall = Some(Duration::from_secs(5));
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("x.img");
+    let o = FetchOptions {
+        stall_timeout: Duration::from_millis(400),
+        ..opts()
+    };
+    let t = std::time::Instant::now();
+    let got = run(kthw_lab::cache::fetch_with(
+        &o,
+        &[srv.url("x.img")],
+        &sum(Algorithm::Sha256, &data),
+        &dest,
+        Progress::Lines,
+    ))
+    .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    let reqs = srv.requests();
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(reqs[1].range.as_deref(), Some("bytes=150000-"));
+    assert_eq!(got.transferred, 400_000);
 }
 
 #[test]

@@ -175,6 +175,12 @@ impl CacheError {
             CacheError::RecipeMissing { .. } => {
                 "run kthw-lab from a checkout of its repository (the recipe lives in images/), or pass a directory holding images/ with its recipe".into()
             }
+            CacheError::BuildFailed { status, recipe, .. } if status.starts_with("could not start") => {
+                format!(
+                    "the recipe must be an executable file with a #! line: chmod +x {}",
+                    recipe.display()
+                )
+            }
             CacheError::BuildFailed { .. } => {
                 "read the recipe's output above; the partial build was removed, so running the build again starts clean".into()
             }
