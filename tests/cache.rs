@@ -794,15 +794,21 @@ fn pull_takes_the_digest_from_the_published_checksum_file() {
         "nothing unverifiable is downloaded"
     );
 
-    // Tampering with the cached file is caught by verify.
-    std::fs::write(&img.disk, b"tampered").unwrap();
+    // Tampering with the cached file (same size) is caught by verify.
+    let mut bytes = std::fs::read(&img.disk).unwrap();
+    bytes[1000] ^= 1;
+    std::fs::write(&img.disk, &bytes).unwrap();
     let err = cache.verify_image(&cat, "listed").unwrap_err();
     assert!(
         matches!(err, CacheError::CachedFileChanged { .. }),
         "{err:?}"
     );
     assert!(err.hint().contains("image pull listed"), "{}", err.hint());
-    // ... and ensure notices the size change and fetches again.
+    assert!(cache
+        .render_list(&cat)
+        .lines()
+        .any(|l| l.starts_with("listed ") && l.contains(" no ")));
+    // ... which forgets the entry, so ensure fetches it again.
     let again = run(cache.ensure_image(&cat, "listed", Progress::Quiet)).unwrap();
     assert!(again.fetched);
     cache.verify_image(&cat, "listed").unwrap();

@@ -170,7 +170,7 @@ impl CacheError {
                 format!("fetch it first with `kthw-lab image pull {name}` (or `kthw-lab image build {name}`)")
             }
             CacheError::CachedFileChanged { name, .. } => format!(
-                "the cached copy was modified or damaged on disk; run `kthw-lab image pull {name}` (or `image build {name}`) to fetch it again"
+                "the cached copy was modified or damaged on disk and is no longer trusted; `kthw-lab image pull {name}` (or `image build {name}`) fetches it again"
             ),
             CacheError::RecipeMissing { .. } => {
                 "run kthw-lab from a checkout of its repository (the recipe lives in images/), or pass a directory holding images/ with its recipe".into()

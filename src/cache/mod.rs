@@ -289,6 +289,7 @@ impl Cache {
     }
 
     /// Re-hash a cached image's files against its record (and the catalog's pin).
+    /// A mismatch also drops the entry's record, so the next ensure fetches again.
     pub fn verify_image(&self, catalog: &Catalog, name: &str) -> Result<VerifyReport, CacheError> {
         let spec = lookup(catalog, name)?;
         let _lock = lock::lock_blocking(&self.image_lock(name), name, Progress::Quiet)?;
@@ -317,6 +318,9 @@ impl Cache {
             let (actual, size) = checksum::hash_file(expected.algorithm, &path)
                 .map_err(|e| CacheError::io("read", &path, e))?;
             if actual != expected {
+                // Forget the entry, so the next pull or build replaces it instead of
+                // trusting a record that no longer describes the bytes.
+                remove_if_exists(&dir.join(ENTRY_MANIFEST))?;
                 return Err(CacheError::CachedFileChanged {
                     name: name.to_string(),
                     path,
