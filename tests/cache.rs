@@ -924,6 +924,9 @@ fn import_fills_the_cache_offline_and_checks_digests() {
             .any(|l| l.starts_with("pinned ") && l.contains(" no ")),
         "{list}"
     );
+    cache.purge().unwrap();
+    assert!(!cache.root().exists());
+    cache.purge().unwrap();
 }
 
 // ---------------------------------------------------------------- catalog
@@ -1185,4 +1188,30 @@ fn measure_600mb_download_and_verify() {
             mb / v.elapsed.as_secs_f64()
         );
     }
+}
+
+#[test]
+fn list_shows_cached_partial_and_missing_entries() {
+    let cat = Catalog::builtin().unwrap();
+    let cache = Cache::at(tempfile::tempdir().unwrap().keep());
+    let dir = cache.image_dir("ubuntu-24.04");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("noble-server-cloudimg-amd64.img.part"),
+        vec![0u8; 3 << 20],
+    )
+    .unwrap();
+    let list = cache.render_list(&cat);
+    let lines: Vec<&str> = list.lines().collect();
+    assert_eq!(lines.len(), 4, "{list}");
+    assert!(
+        lines[0].starts_with("NAME") && lines[0].ends_with("DIGEST"),
+        "{list}"
+    );
+    assert!(
+        lines[1].starts_with("debian-12 ") && lines[1].contains("download  firmware       no"),
+        "{list}"
+    );
+    assert!(lines[2].contains("build     direct-kernel  no"), "{list}");
+    assert!(lines[3].contains("partial (3.00 MiB)"), "{list}");
 }

@@ -173,9 +173,7 @@ async fn expected_for(
         for wanted in [file.as_str(), src_name.as_str()] {
             match find_in_sums(&text, algorithm, wanted) {
                 Ok(sum) => return Ok((sum, path.display().to_string())),
-                Err(e @ super::checksum::SumsError::Missing { .. }) => {
-                    let _ = e;
-                }
+                Err(super::checksum::SumsError::Missing { .. }) => {}
                 Err(e) if list == preferred && first_err.is_none() => {
                     first_err = Some(CacheError::ChecksumList {
                         file: wanted.to_string(),

@@ -353,6 +353,17 @@ impl Cache {
         import::import_dir(self, catalog, dir, progress).await
     }
 
+    /// Delete the whole cache (`destroy --purge-cache`). Entries being fetched right
+    /// now by another process are not waited for: their downloads fail and can be
+    /// run again.
+    pub fn purge(&self) -> Result<(), CacheError> {
+        match std::fs::remove_dir_all(&self.root) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(CacheError::io("remove", &self.root, e)),
+        }
+    }
+
     /// A table of the catalog and what is cached.
     pub fn render_list(&self, catalog: &Catalog) -> String {
         let mut rows = vec![[
