@@ -243,6 +243,7 @@ fn sum(alg: Algorithm, data: &[u8]) -> Checksum {
 fn opts() -> FetchOptions {
     FetchOptions {
         attempts: 3,
+        connect_attempts: 2,
         backoff: Duration::from_millis(10),
         connect_timeout: Duration::from_secs(5),
         stall_timeout: Duration::from_secs(10),
@@ -564,6 +565,26 @@ fn transient_statuses_are_retried_and_permanent_ones_are_not() {
 }
 
 #[test]
+fn mirrors_are_tried_in_order() {
+    let srv = Server::start();
+    let data = content(50_000, 18);
+    srv.put("second/x.img", data.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("x.img");
+    let got = run(kthw_lab::cache::fetch_with(
+        &opts(),
+        &[srv.url("first/x.img"), srv.url("second/x.img")],
+        &sum(Algorithm::Sha256, &data),
+        &dest,
+        Progress::Quiet,
+    ))
+    .unwrap();
+    assert_eq!(got.url.as_deref(), Some(srv.url("second/x.img").as_str()));
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    assert_eq!(srv.requests().len(), 2);
+}
+
+#[test]
 fn an_unreachable_host_says_to_import() {
     let port = {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -571,6 +592,7 @@ fn an_unreachable_host_says_to_import() {
     };
     let url = format!("http://127.0.0.1:{port}/x.img");
     let dir = tempfile::tempdir().unwrap();
+    let t = std::time::Instant::now();
     let err = fetch(
         &dir.path().join("x.img"),
         &url,
@@ -578,6 +600,10 @@ fn an_unreachable_host_says_to_import() {
     )
     .unwrap_err();
     assert!(matches!(err, CacheError::Unreachable { .. }), "{err:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "gives up after 2 connection attempts"
+    );
     assert_eq!(
         err.hint(),
         format!("this host cannot reach {url}: download the file elsewhere and use `kthw-lab cache import DIR`")
@@ -671,6 +697,7 @@ fn two_processes_fetching_the_same_file_download_once() {
         })
         .collect();
     let mut transferred = Vec::new();
+    let mut stderrs = Vec::new();
     let mut waited = false;
     for c in children {
         let out = c.wait_with_output().unwrap();
@@ -678,6 +705,7 @@ fn two_processes_fetching_the_same_file_download_once() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{stdout}\n{stderr}");
         waited |= stderr.contains("waiting for another kthw-lab");
+        stderrs.push(stderr.to_string());
         transferred.extend(
             stdout
                 .lines()
@@ -690,6 +718,13 @@ fn two_processes_fetching_the_same_file_download_once() {
         transferred,
         [0, 1 << 20],
         "one downloaded, the other found it done"
+    );
+    assert!(
+        stderrs
+            .iter()
+            .any(|e| e.contains("kthw-lab: downloading x.img (1.00 MiB)")
+                && e.contains("kthw-lab: x.img verified: 1.00 MiB in")),
+        "plain progress lines when stderr is not a terminal: {stderrs:?}"
     );
     // Usually (not always, under load) the second one starts while the first still
     // downloads and says that it waits; either way only one request reaches the server.

@@ -28,6 +28,9 @@ use super::progress::{Progress, Reporter};
 pub struct FetchOptions {
     /// Consecutive failed attempts (without any new bytes) before giving up.
     pub attempts: u32,
+    /// Attempts while the server has never answered (no route, refused, DNS): an
+    /// offline host should hear "use cache import" in seconds, not minutes.
+    pub connect_attempts: u32,
     /// Wait before the first retry; doubles per consecutive failure, at most 30 s.
     pub backoff: Duration,
     pub connect_timeout: Duration,
@@ -43,6 +46,7 @@ impl Default for FetchOptions {
     fn default() -> Self {
         FetchOptions {
             attempts: 5,
+            connect_attempts: 2,
             backoff: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(60),
@@ -415,7 +419,12 @@ async fn transfer(
     let mut connect_err: Option<reqwest::Error> = None;
 
     loop {
-        if failures >= opts.attempts || total_attempts >= opts.attempts.saturating_mul(8) {
+        let limit = if answered {
+            opts.attempts
+        } else {
+            opts.connect_attempts.min(opts.attempts)
+        };
+        if failures >= limit || total_attempts >= opts.attempts.saturating_mul(8) {
             return Err(match (answered, connect_err) {
                 (false, Some(source)) => CacheError::Unreachable {
                     url: url.to_string(),
@@ -666,7 +675,12 @@ pub(crate) async fn fetch_text(
             Ok(r) => r,
             Err(e) => {
                 failures += 1;
-                if failures >= opts.attempts {
+                let limit = if answered {
+                    opts.attempts
+                } else {
+                    opts.connect_attempts.min(opts.attempts)
+                };
+                if failures >= limit {
                     return Err(if answered {
                         CacheError::Transfer {
                             url: url.into(),
