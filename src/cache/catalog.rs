@@ -4,6 +4,26 @@
 //! reported as `file:line:col: field: message`, all at once. The catalog shipped in
 //! the repository is also compiled into the binary, so the tool works outside a
 //! checkout; files found under the given roots override the built-in entries.
+//!
+//! Fields (unknown keys are errors):
+//! ```text
+//! description   free text
+//! source        download | build
+//! format        qcow2 | raw                       (the disk's format)
+//! boot          firmware | direct-kernel          (bootloader in the image, or libvirt
+//!                                                  loads kernel + initrd)
+//! first_boot    cloud-init
+//! -- source: download
+//! urls          list of http(s) URLs, tried in order (mirrors of one file)
+//! file          cache file name (default: last segment of the first URL)
+//! checksum      sha256:HEX | sha512:HEX            (a pinned digest), or
+//! checksum_url  URL of a SHA256SUMS-style list, with
+//! algorithm     sha256 | sha512
+//! -- source: build
+//! recipe        path relative to the catalog file; run as `recipe OUTDIR`
+//! disk          artifact name of the disk (e.g. disk.qcow2)
+//! kernel, initrd  artifact names; required for (and only for) boot: direct-kernel
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt;
