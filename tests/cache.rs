@@ -32,6 +32,8 @@ struct Behaviour {
     etag: Option<String>,
     /// When cutting, hold the connection open silently this long instead of closing.
     stall: Option<Duration>,
+    /// Answer a range request with a 206 that starts at 0 (a broken server).
+    range_from_zero: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -134,7 +136,7 @@ fn handle(conn: TcpStream, st: &State) -> std::io::Result<()> {
         if_range: if_range.clone(),
     });
     let mut out = conn;
-    let (status_override, cut, mut ignore_range, wrong, slow, etag, stall) = {
+    let (status_override, cut, mut ignore_range, wrong, slow, etag, stall, from_zero) = {
         let mut b = st.behaviour.lock().unwrap();
         let s = (!b.fail_first.is_empty()).then(|| b.fail_first.remove(0));
         let cut = match &mut b.cut_after {
@@ -152,6 +154,7 @@ fn handle(conn: TcpStream, st: &State) -> std::io::Result<()> {
             b.slow,
             b.etag.clone(),
             b.stall,
+            b.range_from_zero,
         )
     };
     // RFC 9110 If-Range: a validator that does not match means "send it all".
@@ -186,6 +189,7 @@ fn handle(conn: TcpStream, st: &State) -> std::io::Result<()> {
             .and_then(|n| n.parse::<u64>().ok()),
         _ => None,
     };
+    let start = start.map(|s| if from_zero { 0 } else { s });
     let (head, slice) = match start {
         Some(s) if s >= len => {
             write!(
@@ -452,6 +456,23 @@ fn a_stalled_connection_times_out_and_resumes() {
     assert_eq!(reqs.len(), 2);
     assert_eq!(reqs[1].range.as_deref(), Some("bytes=150000-"));
     assert_eq!(got.transferred, 400_000);
+}
+
+#[test]
+fn a_206_for_the_wrong_range_discards_the_part() {
+    let srv = Server::start();
+    let data = content(200_000, 19);
+    srv.put("x.img", data.clone());
+    srv.behave(|b| b.range_from_zero = true);
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("x.img");
+    std::fs::write(part_of(&dest), &data[..70_000]).unwrap();
+    fetch(&dest, &srv.url("x.img"), &sum(Algorithm::Sha256, &data)).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    let reqs = srv.requests();
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    assert_eq!(reqs[0].range.as_deref(), Some("bytes=70000-"));
+    assert_eq!(reqs[1].range, None);
 }
 
 #[test]

@@ -491,6 +491,8 @@ async fn transfer(
                     ));
                     have = 0;
                     hasher = Hasher::new(algorithm);
+                    discard_part(part);
+                    validator = None;
                     failures += 1;
                     last_err = Some(msg("unexpected Content-Range".into()));
                     continue;
@@ -561,7 +563,10 @@ async fn transfer(
         }
 
         let file = if append {
-            std::fs::OpenOptions::new().append(true).open(part)
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(part)
         } else {
             std::fs::File::create(part)
         }
