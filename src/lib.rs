@@ -4,6 +4,7 @@
 //! ([`plan`], pure), check the host, record the plan, then run idempotent phases.
 
 pub mod actions;
+pub mod cache;
 pub mod cli;
 pub mod commands;
 pub mod error;

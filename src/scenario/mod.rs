@@ -22,8 +22,9 @@ use yaml::{Kind, Node};
 const BUILTIN_NETWORKS: &[(&str, &str)] =
     &[("default", include_str!("../../network/default.yaml"))];
 
-/// Images the binary knows without a catalog file (the catalog in `images/` adds more).
-pub const BUILTIN_IMAGES: &[&str] = &["debian-12", "kthw-debian12", "ubuntu-24.04"];
+/// Images the binary knows without a catalog file (the catalog in `images/` adds more):
+/// the entries of the image catalog compiled into the binary.
+pub const BUILTIN_IMAGES: &[&str] = crate::cache::BUILTIN_IMAGE_NAMES;
 
 const SCENARIO_FIELDS: &[&str] = &[
     "name",
