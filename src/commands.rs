@@ -48,9 +48,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Kubeconfig { .. } => not_yet("kubeconfig", 5),
         Command::Logs { lab, node } => cmd_logs(&lab, &node, &state_dir),
         Command::Lb { .. } => not_yet("lb", 6),
-        Command::Image { .. } => not_yet("image", 4),
+        Command::Image { command } => cmd_image(command, &state_dir),
         Command::Certs { .. } => not_yet("certs", 5),
-        Command::Cache { .. } => not_yet("cache", 7),
+        Command::Cache { command } => match command {
+            crate::cli::CacheCommand::Import { dir } => cmd_cache_import(&dir, &state_dir),
+        },
     }
 }
 
@@ -179,6 +181,7 @@ fn cmd_create(path: &Path, range: Range, connect: &str, state_dir: &Path) -> Res
     let opts = actions::phases::PhaseOptions {
         connect: connect.to_string(),
         state_dir: state_dir.clone(),
+        catalog_roots: scenario::Sources::for_scenario(path).roots,
     };
     let runner = Runner::new(actions::phases::actions(&plan, &opts));
     let plan_sha = sha256_hex(&plan_identity(&plan));
@@ -387,6 +390,7 @@ fn cmd_destroy(arg: &str, purge_cache: bool, connect: &str, state_dir: &Path) ->
     let opts = actions::phases::PhaseOptions {
         connect: connect.to_string(),
         state_dir: state_dir.clone(),
+        catalog_roots: catalog_roots(),
     };
     let progress = Progress::new();
     progress.println(&format!("destroying lab `{lab}`"));
@@ -409,22 +413,114 @@ fn cmd_destroy(arg: &str, purge_cache: bool, connect: &str, state_dir: &Path) ->
         }
     }
     if purge_cache {
-        let cache = crate::state::cache_dir(&state_dir);
-        match std::fs::remove_dir_all(&cache) {
-            Ok(()) => progress.println(&format!("removed the shared cache {}", cache.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(Error::with_source(
-                    format!("cannot remove the cache {}", cache.display()),
-                    e,
-                ))
-            }
-        }
+        let cache = crate::cache::Cache::new(&state_dir);
+        cache.purge().map_err(|e| {
+            actions::phases::cache_error(
+                format!("cannot purge the cache {}", cache.root().display()),
+                e,
+            )
+        })?;
+        progress.println(&format!(
+            "removed the shared cache {}",
+            cache.root().display()
+        ));
     }
     eprintln!(
         "lab `{lab}` destroyed in {:.1} s ({} removed, nothing left)",
         report.seconds,
         report.removed.len()
     );
+    Ok(())
+}
+
+/// Catalog roots for commands that have no scenario: the current directory (a
+/// checkout of this repository) on top of the built-in catalog.
+fn catalog_roots() -> Vec<PathBuf> {
+    std::env::current_dir().into_iter().collect()
+}
+
+fn load_catalog() -> Result<crate::cache::Catalog> {
+    crate::cache::Catalog::load(&catalog_roots()).map_err(|e| Error::Other {
+        what: format!("the image catalog is invalid:\n{}", e.report().trim_end()),
+        hint: Some(e.hint()),
+        source: None,
+    })
+}
+
+fn cmd_image(command: crate::cli::ImageCommand, state_dir: &Path) -> Result<()> {
+    use crate::cache::{blocking, Progress as CacheProgress};
+    use crate::cli::ImageCommand;
+    let state_dir = absolute(state_dir);
+    let catalog = load_catalog()?;
+    let fail = |name: &str, e: crate::cache::CacheError| {
+        actions::phases::cache_error(format!("image `{name}`"), e)
+    };
+    match command {
+        ImageCommand::List => {
+            let text = crate::cache::render_list(&catalog, &state_dir);
+            let _ = std::io::stdout().lock().write_all(text.as_bytes());
+        }
+        ImageCommand::Pull { name } => {
+            let img = blocking::ensure_image(&catalog, &name, &state_dir, CacheProgress::Auto)
+                .map_err(|e| fail(&name, e))?;
+            eprintln!(
+                "image `{name}` {} ({})",
+                if img.fetched {
+                    "downloaded and verified"
+                } else {
+                    "already cached"
+                },
+                img.disk.display()
+            );
+        }
+        ImageCommand::Build { name } => {
+            let t0 = std::time::Instant::now();
+            let img = blocking::build_image(&catalog, &name, &state_dir, CacheProgress::Auto, true)
+                .map_err(|e| fail(&name, e))?;
+            eprintln!(
+                "image `{name}` built in {:.0} s ({})",
+                t0.elapsed().as_secs_f64(),
+                img.disk.display()
+            );
+        }
+        ImageCommand::Verify { name } => {
+            let r = crate::cache::verify_image(&catalog, &name, &state_dir)
+                .map_err(|e| fail(&name, e))?;
+            for f in &r.files {
+                println!("{}  {}  {} bytes  ok", f.checksum, f.file, f.size);
+            }
+            eprintln!(
+                "image `{name}` verified: {} files, {} MiB in {:.1} s",
+                r.files.len(),
+                r.bytes >> 20,
+                r.elapsed.as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn cmd_cache_import(dir: &Path, state_dir: &Path) -> Result<()> {
+    let catalog = load_catalog()?;
+    let report = crate::cache::blocking::import_dir(
+        &catalog,
+        dir,
+        &absolute(state_dir),
+        crate::cache::Progress::Auto,
+    )
+    .map_err(|e| {
+        actions::phases::cache_error(format!("cannot import from {}", dir.display()), e)
+    })?;
+    let _ = std::io::stdout()
+        .lock()
+        .write_all(report.render().as_bytes());
+    let failed = report.failures().count();
+    if failed > 0 {
+        return Err(Error::Other {
+            what: format!("{failed} file(s) in {} could not be imported", dir.display()),
+            hint: Some("see the table above; a file whose checksum does not match is left out of the cache".into()),
+            source: None,
+        });
+    }
     Ok(())
 }

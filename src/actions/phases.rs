@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use super::teardown::Remover;
 use super::{Action, Phase, RunCtx};
+use crate::cache::{CacheError, CachedImage, Catalog, Progress as CacheProgress};
 use crate::error::{Error, Result};
 use crate::host::net::{LinuxNet, NetError, NetHost, NetworkSpec};
 use crate::plan::LabPlan;
@@ -15,12 +16,70 @@ use crate::plan::LabPlan;
 pub struct PhaseOptions {
     pub connect: String,
     pub state_dir: PathBuf,
+    /// Where `images/` (the catalog and recipes) is looked up, besides the built-in one.
+    pub catalog_roots: Vec<PathBuf>,
 }
 
 pub fn actions(_plan: &LabPlan, opts: &PhaseOptions) -> Vec<Box<dyn Action>> {
-    vec![Box::new(NetworkPhase {
-        net: LinuxNet::new(&opts.state_dir),
-    })]
+    vec![
+        Box::new(NetworkPhase {
+            net: LinuxNet::new(&opts.state_dir),
+        }),
+        Box::new(ImagePhase { opts: opts.clone() }),
+    ]
+}
+
+pub(crate) fn cache_error(what: String, e: CacheError) -> Error {
+    Error::Provision {
+        what,
+        hint: e.hint(),
+        source: Some(Box::new(e)),
+    }
+}
+
+/// The lab's base image from the cache: pulled or built and verified on first use,
+/// then just looked up (cheap), so every phase that needs its paths calls this.
+pub(crate) fn lab_image(
+    plan: &LabPlan,
+    opts: &PhaseOptions,
+    progress: CacheProgress,
+) -> Result<CachedImage> {
+    let catalog = Catalog::load(&opts.catalog_roots).map_err(|e| Error::Other {
+        what: format!("the image catalog is invalid:\n{}", e.report().trim_end()),
+        hint: Some(e.hint()),
+        source: None,
+    })?;
+    crate::cache::blocking::ensure_image(&catalog, &plan.image, &opts.state_dir, progress)
+        .map_err(|e| cache_error(format!("cannot get image `{}`", plan.image), e))
+}
+
+struct ImagePhase {
+    opts: PhaseOptions,
+}
+
+impl Action for ImagePhase {
+    fn phase(&self) -> Phase {
+        Phase::Image
+    }
+
+    fn run(&self, cx: &RunCtx) -> Result<()> {
+        let img = lab_image(cx.plan, &self.opts, CacheProgress::Auto)?;
+        if let Some(a) = img.manifest.artifacts.first() {
+            cx.note("image_digest", format!("{}:{}", a.file, a.checksum));
+        }
+        cx.note("image_source", img.manifest.source.clone());
+        cx.progress.println(&format!(
+            "    image {} {} ({})",
+            img.name,
+            if img.fetched {
+                "is now cached"
+            } else {
+                "was already cached"
+            },
+            img.disk.display()
+        ));
+        Ok(())
+    }
 }
 
 /// Everything that removes a lab's things, consumers first.
