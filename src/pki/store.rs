@@ -139,26 +139,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError
     result.map_err(err)
 }
 
+/// Give an existing file exactly `mode` (a kept key someone made readable).
+fn ensure_mode(path: &Path, mode: u32) -> Result<(), PkiError> {
+    let m = fs::metadata(path)
+        .map_err(|source| PkiError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .permissions()
+        .mode()
+        & 0o7777;
+    if m != mode {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|source| {
+            PkiError::Write {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+    }
+    Ok(())
+}
+
 /// Write unless the file already holds exactly `bytes` (and has `mode`). Returns whether
 /// it wrote.
 pub fn write_if_changed(path: &Path, bytes: &[u8], mode: u32) -> Result<bool, PkiError> {
     if read_optional(path)?.as_deref() == Some(bytes) {
-        let m = fs::metadata(path)
-            .map_err(|source| PkiError::Read {
-                path: path.to_path_buf(),
-                source,
-            })?
-            .permissions()
-            .mode()
-            & 0o7777;
-        if m != mode {
-            fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|source| {
-                PkiError::Write {
-                    path: path.to_path_buf(),
-                    source,
-                }
-            })?;
-        }
+        ensure_mode(path, mode)?;
         return Ok(false);
     }
     write_atomic(path, bytes, mode)?;
@@ -188,6 +194,7 @@ fn load_or_generate_key(
                 source,
             })?;
             if issue::key_matches_algorithm(&key, alg) {
+                ensure_mode(&path, KEY_MODE)?;
                 return Ok((key, None));
             }
             format!("key algorithm changed to {}", alg_word(alg))
