@@ -482,6 +482,9 @@ fn check_mode(spec: &CertSpec, path: &Path, want: u32, out: &mut Vec<Finding>) {
     }
 }
 
+/// The `cert` of findings about the pki dir itself.
+pub const PKI_DIR: &str = "(pki dir)";
+
 /// Lint every certificate of the plan in `paths.pki`, at time `now`.
 pub fn lint(plan: &LabPlan, now: OffsetDateTime) -> Vec<Finding> {
     let pki = &plan.paths.pki;
@@ -493,12 +496,13 @@ pub fn lint(plan: &LabPlan, now: OffsetDateTime) -> Vec<Finding> {
     if let Ok(m) = std::fs::metadata(pki) {
         let mode = m.permissions().mode() & 0o7777;
         if mode & 0o077 != 0 {
-            out.push(finding(
-                ca_spec,
-                Check::Mode,
-                format!("{} mode 0700", pki.display()),
-                format!("{mode:04o}"),
-            ));
+            out.push(Finding {
+                cert: PKI_DIR.into(),
+                check: Check::Mode,
+                expected: format!("{} mode 0700", pki.display()),
+                found: format!("{mode:04o}"),
+                severity: Severity::Error,
+            });
         }
     }
     let ca_bytes = std::fs::read(cert_path(pki, &ca_spec.name)).ok();

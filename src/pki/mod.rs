@@ -246,6 +246,13 @@ pub fn admin_kubeconfig(plan: &LabPlan) -> Result<String, PkiError> {
     render_kubeconfig(plan, &k)
 }
 
+/// Write the admin kubeconfig to `dest` (mode 0600, atomically), for
+/// `kthw-lab kubeconfig --write FILE`.
+pub fn write_admin_kubeconfig(plan: &LabPlan, dest: &Path) -> Result<(), PkiError> {
+    let text = admin_kubeconfig(plan)?;
+    store::write_atomic(dest, text.as_bytes(), 0o600)
+}
+
 /// Write the secrets encryption config with a fresh random 32-byte key, unless one with
 /// a valid key is already there: the key must survive re-runs, or the secrets already
 /// stored in etcd could no longer be read.
