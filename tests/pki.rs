@@ -224,6 +224,14 @@ fn rsa_pki_passes_openssl_and_the_linter() {
     check_with_openssl(&plan);
     let findings = pki::lint(&plan);
     assert!(findings.is_empty(), "{}", lint::render_table(&findings));
+    // RSA certificates carry keyEncipherment and work in a handshake as well.
+    let ca = pki::cert_path(&plan.paths.pki, "ca");
+    let (_s, port) = tls_server(&plan, "kube-apiserver", &ca);
+    let (ok, out) = tls_client(&plan, port, "admin", "kubernetes.default");
+    assert!(ok, "{out}");
+    let (_e, port) = tls_server(&plan, "etcd-m2", &ca);
+    let (ok, out) = tls_client(&plan, port, "etcd-m1", "10.200.1.11");
+    assert!(ok, "{out}");
 }
 
 // ---------------------------------------------------------------- mutual TLS
@@ -1032,4 +1040,23 @@ fn dump() {
     let plan = plan_from(&base_text(), &dir);
     ensure_all(&plan);
     eprintln!("{}", plan.paths.root.display());
+}
+
+#[test]
+fn a_lost_ca_cert_is_reissued_from_its_key_and_the_leaves_stay() {
+    let (_d, plan) = make_lab(&base_text());
+    pki::ensure_pki(&plan).unwrap();
+    let admin = pem_of(&plan, "admin");
+    std::fs::remove_file(pki::cert_path(&plan.paths.pki, "ca")).unwrap();
+    let report = pki::ensure_pki(&plan).unwrap();
+    assert_eq!(
+        report.with(Outcome::Reissued),
+        ["ca"],
+        "{}",
+        report.summary()
+    );
+    assert_eq!(report.with(Outcome::Issued), Vec::<&str>::new());
+    // Same key, same name: what it signed before still verifies.
+    assert_eq!(pem_of(&plan, "admin"), admin);
+    check_with_openssl(&plan);
 }

@@ -475,7 +475,10 @@ fn check_mode(spec: &CertSpec, path: &Path, want: u32, out: &mut Vec<Finding>) {
             out.push(finding(
                 spec,
                 Check::Mode,
-                format!("{} mode {want:04o}", path.display()),
+                format!(
+                    "{} mode {want:04o}",
+                    path.file_name().unwrap_or_default().to_string_lossy()
+                ),
                 format!("{mode:04o}"),
             ));
         }
