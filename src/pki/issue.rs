@@ -25,7 +25,7 @@ pub const BACKDATE: Duration = Duration::hours(1);
 pub fn generate_key(alg: KeyAlgorithm) -> Result<KeyPair, rcgen::Error> {
     match alg {
         KeyAlgorithm::EcdsaP256 => KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256),
-        // aws-lc-rs generates RSA keys; rcgen picks 2048 bits for generate_for.
+        // RSA key generation comes from aws-lc-rs (rcgen with ring could not do it).
         KeyAlgorithm::Rsa2048 => {
             KeyPair::generate_rsa_for(&PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
         }

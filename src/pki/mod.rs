@@ -5,6 +5,12 @@
 //! Everything is issued in-process with rcgen into `paths.pki` (dir 0700, keys 0600).
 //! Every `ensure_*` here is idempotent: what still matches the plan is kept byte for
 //! byte; what the plan changed is issued again, reusing the existing key where it can.
+//!
+//! Order in the `pki` phase: [`ensure_pki`], then [`ensure_kubeconfigs`] (they embed the
+//! certificates) and [`ensure_encryption_config`]; then copy [`distribution`] to the
+//! nodes. `kthw-lab certs check LAB` prints [`lint::render_table`] (or [`lint::to_json`])
+//! of [`lint()`] and fails when it returned any finding. `kthw-lab kubeconfig` prints
+//! [`admin_kubeconfig`] or calls [`write_admin_kubeconfig`].
 
 pub mod distribute;
 pub mod issue;
@@ -276,7 +282,7 @@ pub fn ensure_encryption_config(plan: &LabPlan) -> Result<FileOutcome, PkiError>
     })
 }
 
-/// Check every certificate of the lab against its plan; see [`lint`].
+/// Check every certificate of the lab against its plan, now; see [`lint::lint`].
 pub fn lint(plan: &LabPlan) -> Vec<Finding> {
     lint::lint(plan, time::OffsetDateTime::now_utc())
 }
