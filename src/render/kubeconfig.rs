@@ -4,7 +4,23 @@
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
-use super::yaml_quote;
+/// A YAML double-quoted scalar: safe for any name (`system:node:n1`, `@`, spaces).
+pub fn yaml_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
 
 /// What goes into one kubeconfig.
 #[derive(Debug, Clone, Copy)]
@@ -63,6 +79,12 @@ preferences: {{}}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quotes_what_yaml_would_misread() {
+        assert_eq!(yaml_quote("system:node:n1"), "\"system:node:n1\"");
+        assert_eq!(yaml_quote("a\"b\\c"), "\"a\\\"b\\\\c\"");
+    }
 
     #[test]
     fn embeds_base64_and_quotes_names() {
