@@ -627,6 +627,7 @@ fn encryption_config_is_written_once_with_a_fresh_key() {
 fn a_second_run_changes_nothing() {
     let (d, plan) = make_lab(&base_text());
     ensure_all(&plan);
+    assert!(pki::lint_kubeconfigs(&plan).is_empty());
     let before = snapshot(d.path());
     let t = Instant::now();
     let report = ensure_all(&plan);
@@ -685,7 +686,24 @@ fn a_new_san_reissues_with_the_same_key() {
         &base_text().replace("address: 10.200.1.15", "address: 10.200.1.16"),
         d.path(),
     );
-    let report = ensure_all(&moved);
+    let report = pki::ensure_pki(&moved).unwrap();
+    // Until they are written again, the kubeconfigs still point at the old address.
+    let stale = pki::lint_kubeconfigs(&moved);
+    let files: Vec<&str> = stale.iter().map(|f| f.cert.as_str()).collect();
+    assert_eq!(
+        files,
+        [
+            "admin.kubeconfig",
+            "n1.kubeconfig",
+            "n2.kubeconfig",
+            "kube-proxy.kubeconfig"
+        ],
+        "{}",
+        lint::render_table(&stale)
+    );
+    assert!(stale.iter().all(|f| f.found.contains("10.200.1.15")));
+    ensure_all(&moved);
+    assert!(pki::lint_kubeconfigs(&moved).is_empty());
     assert_eq!(
         report.with(Outcome::Reissued),
         ["kube-apiserver"],
@@ -1059,4 +1077,27 @@ fn a_lost_ca_cert_is_reissued_from_its_key_and_the_leaves_stay() {
     // Same key, same name: what it signed before still verifies.
     assert_eq!(pem_of(&plan, "admin"), admin);
     check_with_openssl(&plan);
+}
+
+#[test]
+fn the_kubeconfig_linter_catches_stale_embedded_certs() {
+    let (_d, plan) = make_lab(&base_text());
+    ensure_all(&plan);
+    // Re-issue the scheduler's certificate behind the kubeconfig's back.
+    std::fs::remove_file(pki::cert_path(&plan.paths.pki, "kube-scheduler")).unwrap();
+    pki::ensure_pki(&plan).unwrap();
+    let findings = pki::lint_kubeconfigs(&plan);
+    assert_eq!(findings.len(), 1, "{}", lint::render_table(&findings));
+    assert_eq!(findings[0].cert, "kube-scheduler.kubeconfig");
+    assert_eq!(findings[0].check, Check::Kubeconfig);
+    assert!(findings[0].found.contains("other certificates"));
+    let out = pki::ensure_kubeconfigs(&plan).unwrap();
+    let written: Vec<_> = out.iter().filter(|f| f.written).collect();
+    assert_eq!(written.len(), 1);
+    assert!(pki::lint_kubeconfigs(&plan).is_empty());
+    // A missing kubeconfig is a finding too.
+    std::fs::remove_file(plan.paths.kubeconfigs.join("n2.kubeconfig")).unwrap();
+    let findings = pki::lint_kubeconfigs(&plan);
+    assert_eq!(findings.len(), 1);
+    assert_eq!(findings[0].cert, "n2.kubeconfig");
 }

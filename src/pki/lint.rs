@@ -57,6 +57,8 @@ pub enum Check {
     KeyAlgorithm,
     /// Key files 0600, the pki dir 0700.
     Mode,
+    /// A kubeconfig embeds the current CA, certificate and key and the planned server.
+    Kubeconfig,
 }
 
 impl Check {
@@ -76,6 +78,7 @@ impl Check {
             Check::KeyPair => "key-pair",
             Check::KeyAlgorithm => "key-algorithm",
             Check::Mode => "mode",
+            Check::Kubeconfig => "kubeconfig",
         }
     }
 }
@@ -554,6 +557,62 @@ pub fn lint(plan: &LabPlan, now: OffsetDateTime) -> Vec<Finding> {
                 cfile.display().to_string(),
                 e.to_string(),
             )),
+        }
+    }
+    out
+}
+
+/// Check every planned kubeconfig under `paths.kubeconfigs` against what
+/// [`super::ensure_kubeconfigs`] would write now: a kubeconfig left behind by a
+/// re-issued certificate or a moved load balancer is flagged. `cert` is the file name.
+pub fn lint_kubeconfigs(plan: &LabPlan) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for k in super::kubeconfig_plans(plan) {
+        let path = plan.paths.kubeconfigs.join(&k.file);
+        let f = |expected: String, found: String| Finding {
+            cert: k.file.clone(),
+            check: Check::Kubeconfig,
+            expected,
+            found,
+            severity: Severity::Error,
+        };
+        let want = match super::render_kubeconfig(plan, &k) {
+            Ok(w) => w,
+            Err(e) => {
+                out.push(f("its certificate".into(), e.to_string()));
+                continue;
+            }
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(have) if have == want => {
+                let mode = std::fs::metadata(&path)
+                    .map(|m| m.permissions().mode() & 0o7777)
+                    .unwrap_or(0);
+                if mode & 0o077 != 0 {
+                    out.push(Finding {
+                        check: Check::Mode,
+                        ..f("mode 0600".into(), format!("{mode:04o}"))
+                    });
+                }
+            }
+            Ok(have) => {
+                let server_line = |t: &str| {
+                    t.lines()
+                        .find(|l| l.trim_start().starts_with("server:"))
+                        .map(|l| l.trim().to_string())
+                        .unwrap_or_default()
+                };
+                let found = if server_line(&have) != server_line(&want) {
+                    format!("{} (another endpoint)", server_line(&have))
+                } else {
+                    "other certificates or keys embedded".into()
+                };
+                out.push(f(
+                    format!("the current certificates and server {}", k.server),
+                    found,
+                ));
+            }
+            Err(e) => out.push(f(path.display().to_string(), e.to_string())),
         }
     }
     out

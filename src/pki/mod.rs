@@ -286,3 +286,9 @@ pub fn ensure_encryption_config(plan: &LabPlan) -> Result<FileOutcome, PkiError>
 pub fn lint(plan: &LabPlan) -> Vec<Finding> {
     lint::lint(plan, time::OffsetDateTime::now_utc())
 }
+
+/// Check the kubeconfigs on the host against the certificates and the plan; see
+/// [`lint::lint_kubeconfigs`]. `certs check` can append these to [`lint()`]'s.
+pub fn lint_kubeconfigs(plan: &LabPlan) -> Vec<Finding> {
+    lint::lint_kubeconfigs(plan)
+}
