@@ -9,6 +9,8 @@ pub mod cli;
 pub mod commands;
 pub mod error;
 pub mod host;
+pub mod pki;
 pub mod plan;
+pub mod render;
 pub mod scenario;
 pub mod state;
