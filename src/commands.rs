@@ -45,11 +45,13 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::List { output } => cmd_list(output, &state_dir),
         Command::Status { .. } => not_yet("status", 8),
         Command::Ssh { .. } => not_yet("ssh", 8),
-        Command::Kubeconfig { .. } => not_yet("kubeconfig", 5),
+        Command::Kubeconfig { lab, write } => cmd_kubeconfig(&lab, write.as_deref(), &state_dir),
         Command::Logs { lab, node } => cmd_logs(&lab, &node, &state_dir),
         Command::Lb { .. } => not_yet("lb", 6),
         Command::Image { command } => cmd_image(command, &state_dir),
-        Command::Certs { .. } => not_yet("certs", 5),
+        Command::Certs {
+            command: crate::cli::CertsCommand::Check { lab, output },
+        } => cmd_certs_check(&lab, output, &state_dir),
         Command::Cache { command } => match command {
             crate::cli::CacheCommand::Import { dir } => cmd_cache_import(&dir, &state_dir),
         },
@@ -523,4 +525,56 @@ fn cmd_cache_import(dir: &Path, state_dir: &Path) -> Result<()> {
         });
     }
     Ok(())
+}
+
+fn cmd_kubeconfig(lab: &str, write: Option<&Path>, state_dir: &Path) -> Result<()> {
+    let plan = saved_plan(state_dir, lab)?;
+    let missing = |e: crate::pki::PkiError| Error::Other {
+        what: format!("lab `{lab}` has no admin kubeconfig yet"),
+        hint: Some(format!(
+            "it is made by phase `pki`: run `kthw-lab create SCENARIO --until pki` ({e})"
+        )),
+        source: None,
+    };
+    match write {
+        Some(dest) => {
+            crate::pki::write_admin_kubeconfig(&plan, dest).map_err(missing)?;
+            eprintln!(
+                "wrote {} (mode 0600); use it with: export KUBECONFIG={}",
+                dest.display(),
+                absolute(dest).display()
+            );
+        }
+        None => {
+            let text = crate::pki::admin_kubeconfig(&plan).map_err(missing)?;
+            let _ = std::io::stdout().lock().write_all(text.as_bytes());
+        }
+    }
+    Ok(())
+}
+
+fn cmd_certs_check(lab: &str, output: StatusOutput, state_dir: &Path) -> Result<()> {
+    let plan = saved_plan(state_dir, lab)?;
+    let mut findings = crate::pki::lint(&plan);
+    findings.extend(crate::pki::lint_kubeconfigs(&plan));
+    let text = match output {
+        StatusOutput::Table => crate::pki::lint::render_table(&findings),
+        StatusOutput::Json => crate::pki::lint::to_json(&findings),
+    };
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    if findings.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Other {
+            what: format!(
+                "{} finding(s) in the certificates of lab `{lab}`",
+                findings.len()
+            ),
+            hint: Some(
+                "`kthw-lab create SCENARIO --until pki` re-issues what no longer matches the plan (keys are kept); the table above says what is wrong"
+                    .into(),
+            ),
+            source: None,
+        })
+    }
 }

@@ -252,3 +252,54 @@ fn destroy_removes_the_state_dir_and_is_safe_to_repeat() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o.stderr).contains("is neither a scenario file nor a lab name"));
 }
+
+#[test]
+fn certs_check_and_kubeconfig_read_the_labs_pki() {
+    let dir = tempfile::tempdir().unwrap();
+    seed_state(dir.path(), "scenarios/2m2w.yaml");
+    let o = run_in(dir.path(), &["kubeconfig", "k2m2w"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("made by phase `pki`"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    let plan: kthw_lab::plan::LabPlan =
+        serde_json::from_slice(&std::fs::read(dir.path().join("labs/k2m2w/plan.json")).unwrap())
+            .unwrap();
+    kthw_lab::pki::ensure_pki(&plan).unwrap();
+    kthw_lab::pki::ensure_kubeconfigs(&plan).unwrap();
+
+    let o = run_in(dir.path(), &["certs", "check", "k2m2w"]);
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+    let o = run_in(dir.path(), &["certs", "check", "k2m2w", "-o", "json"]);
+    assert_eq!(text(&o.stdout).trim(), "[]");
+
+    let o = run_in(dir.path(), &["kubeconfig", "k2m2w"]);
+    assert!(o.status.success());
+    assert!(text(&o.stdout).contains("server: \"https://10.200.1.15:6443\""));
+    let dest = dir.path().join("admin.kubeconfig");
+    let o = run_in(
+        dir.path(),
+        &["kubeconfig", "k2m2w", "--write", dest.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // A certificate replaced by one with a wrong SAN is a finding, exit non-zero.
+    let other = dir.path().join("labs/k2m2w/pki/kube-apiserver.pem");
+    std::fs::copy(dir.path().join("labs/k2m2w/pki/admin.pem"), &other).unwrap();
+    let o = run_in(dir.path(), &["certs", "check", "k2m2w"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stdout).contains("kube-apiserver"),
+        "{}",
+        text(&o.stdout)
+    );
+    assert!(text(&o.stderr).contains("finding(s) in the certificates of lab `k2m2w`"));
+}

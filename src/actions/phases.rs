@@ -26,7 +26,54 @@ pub fn actions(_plan: &LabPlan, opts: &PhaseOptions) -> Vec<Box<dyn Action>> {
             net: LinuxNet::new(&opts.state_dir),
         }),
         Box::new(ImagePhase { opts: opts.clone() }),
+        Box::new(PkiPhase),
     ]
+}
+
+pub(crate) fn pki_error(e: crate::pki::PkiError) -> Error {
+    Error::Provision {
+        what: "the lab's certificates".into(),
+        hint: e.hint(),
+        source: Some(Box::new(e)),
+    }
+}
+
+/// Certificates, kubeconfigs and the encryption config, in the lab's state dir.
+/// Existing keys and certificates that still match the plan are kept.
+struct PkiPhase;
+
+impl Action for PkiPhase {
+    fn phase(&self) -> Phase {
+        Phase::Pki
+    }
+
+    fn run(&self, cx: &RunCtx) -> Result<()> {
+        let line = cx.progress.line("pki", "certificates");
+        let report = crate::pki::ensure_pki(cx.plan).map_err(pki_error)?;
+        line.set("kubeconfigs and encryption config");
+        let kubeconfigs = crate::pki::ensure_kubeconfigs(cx.plan).map_err(pki_error)?;
+        crate::pki::ensure_encryption_config(cx.plan).map_err(pki_error)?;
+        let findings = crate::pki::lint(cx.plan);
+        if let Some(f) = findings.first() {
+            line.fail("the new certificates do not pass the linter");
+            return Err(Error::Provision {
+                what: format!(
+                    "certificate `{}` fails check `{}` right after issuing ({} finding(s))",
+                    f.cert,
+                    f.check,
+                    findings.len()
+                ),
+                hint: format!("see `kthw-lab certs check {}`", cx.plan.lab),
+                source: None,
+            });
+        }
+        line.done(&format!(
+            "{}; {} kubeconfigs",
+            report.summary(),
+            kubeconfigs.len()
+        ));
+        Ok(())
+    }
 }
 
 pub(crate) fn cache_error(what: String, e: CacheError) -> Error {
