@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod commands;
+pub mod components;
 pub mod error;
 pub mod host;
 pub mod plan;
