@@ -9,5 +9,6 @@ pub mod components;
 pub mod error;
 pub mod host;
 pub mod plan;
+pub mod render;
 pub mod scenario;
 pub mod state;

@@ -1,0 +1,3 @@
+//! Pure renderers: plan in, text out. Nothing here touches the host.
+
+pub mod units;
