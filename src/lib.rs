@@ -9,6 +9,7 @@ pub mod components;
 pub mod error;
 pub mod host;
 pub mod plan;
+pub mod remote;
 pub mod render;
 pub mod scenario;
 pub mod state;
