@@ -3,6 +3,7 @@
 //! Data flow of `create`: load + validate a scenario ([`scenario`]), plan it
 //! ([`plan`], pure), check the host, record the plan, then run idempotent phases.
 
+pub mod actions;
 pub mod cli;
 pub mod commands;
 pub mod components;
