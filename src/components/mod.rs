@@ -230,7 +230,9 @@ fn entries<'n>(node: &'n Node, path: &str, cx: &mut Ctx) -> Vec<(String, &'n Nod
 }
 
 fn is_sha256(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn parse_mode(text: &str) -> Option<u32> {
@@ -371,7 +373,11 @@ fn component(name: &str, node: &Node, path: &str, cx: &mut Ctx) -> Option<Compon
     let mut m = MapReader::new(node, path, cx, COMPONENT)?;
     let nodes: Option<NodeSet> = m.opt_keyword("nodes", cx);
     if m.node("nodes").is_none() {
-        cx.error(m.pos, &m.child_path("nodes"), "missing required field `nodes`");
+        cx.error(
+            m.pos,
+            &m.child_path("nodes"),
+            "missing required field `nodes`",
+        );
     }
     let version_of: Option<VersionOf> = m.opt_keyword("version_of", cx);
     if m.node("version_of").is_none() {
@@ -724,15 +730,24 @@ mod tests {
         let text = "arch: amd64\ncolour: red\ncomponents: {}\n";
         let e = ComponentCatalog::parse(text, "c.yaml").unwrap_err();
         let r = e.report();
-        assert!(r.contains("c.yaml:2:1: colour: unknown field `colour`"), "{r}");
+        assert!(
+            r.contains("c.yaml:2:1: colour: unknown field `colour`"),
+            "{r}"
+        );
     }
 
     #[test]
     fn checksum_files() {
         let h = "a".repeat(64);
-        assert_eq!(parse_checksum_file(&format!("{h}\n"), None), Some(h.clone()));
+        assert_eq!(
+            parse_checksum_file(&format!("{h}\n"), None),
+            Some(h.clone())
+        );
         let multi = format!("{}  runc.arm64\n{h}  runc.amd64\n", "b".repeat(64));
-        assert_eq!(parse_checksum_file(&multi, Some("runc.amd64")), Some(h.clone()));
+        assert_eq!(
+            parse_checksum_file(&multi, Some("runc.amd64")),
+            Some(h.clone())
+        );
         assert_eq!(parse_checksum_file(&multi, None), None);
         assert_eq!(parse_checksum_file(&multi, Some("nope")), None);
         assert_eq!(parse_checksum_file("not-a-hash\n", None), None);
