@@ -223,18 +223,16 @@ fn load_flags(version: &str) -> FlagCatalog {
     FlagCatalog { flags }
 }
 
-#[test]
-fn every_rendered_flag_exists_and_is_current_in_the_pinned_version() {
-    let p = plan_2m2w();
-    let minor = {
-        let mut it = p.versions.kubernetes.split('.');
-        format!("{}.{}", it.next().unwrap(), it.next().unwrap())
-    };
-    let cat = load_flags(&minor);
-    let bins = Bins::downloaded();
+/// Problems with the flags of the units among `files`: unknown to the catalog, or
+/// marked deprecated/removed. Also returns how many flags were looked at.
+fn flag_problems(
+    cat: &FlagCatalog,
+    minor: &str,
+    files: &[(String, units::RenderedFile)],
+) -> (usize, Vec<String>) {
     let mut checked = 0;
     let mut problems = Vec::new();
-    for (node, f) in all_files(&p, &bins) {
+    for (node, f) in files {
         if !f.path.ends_with(".service") {
             continue;
         }
@@ -243,9 +241,9 @@ fn every_rendered_flag_exists_and_is_current_in_the_pinned_version() {
         };
         let comp = program.rsplit('/').next().unwrap();
         let Some(known) = cat.flags.get(comp) else {
-            // etcd and containerd are not Kubernetes components.
+            // etcd, containerd and ip are not Kubernetes components.
             assert!(
-                ["etcd", "containerd", "ip"].contains(&comp),
+                ["etcd", "containerd", "ip", "true"].contains(&comp),
                 "{node} {}: no flag list for {comp}",
                 f.path
             );
@@ -262,8 +260,54 @@ fn every_rendered_flag_exists_and_is_current_in_the_pinned_version() {
             }
         }
     }
+    (checked, problems)
+}
+
+fn k8s_minor(p: &LabPlan) -> String {
+    let mut it = p.versions.kubernetes.split('.');
+    format!("{}.{}", it.next().unwrap(), it.next().unwrap())
+}
+
+#[test]
+fn every_rendered_flag_exists_and_is_current_in_the_pinned_version() {
+    let p = plan_2m2w();
+    let minor = k8s_minor(&p);
+    let cat = load_flags(&minor);
+    let (checked, problems) = flag_problems(&cat, &minor, &all_files(&p, &Bins::downloaded()));
     assert!(checked > 30, "only {checked} flags checked");
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn the_flag_check_catches_unknown_deprecated_and_removed_flags() {
+    let p = plan_2m2w();
+    let cat = load_flags(&k8s_minor(&p));
+    let bad = |bin: &str, flag: &str| {
+        (
+            "n1".to_string(),
+            units::RenderedFile {
+                path: "/etc/systemd/system/x.service".into(),
+                mode: 0o644,
+                content: format!("[Service]\nExecStart=/usr/local/bin/{bin} \\\n  --{flag}=1\n"),
+            },
+        )
+    };
+    let files = vec![
+        bad("kubelet", "register-node"),
+        bad("kube-apiserver", "apiserver-count"),
+        bad("kube-scheduler", "no-such-flag"),
+        bad("kube-proxy", "config"),
+    ];
+    let (checked, problems) = flag_problems(&cat, "1.32", &files);
+    assert_eq!(checked, 4);
+    assert_eq!(
+        problems,
+        [
+            "n1 kubelet --register-node: deprecated",
+            "n1 kube-apiserver --apiserver-count: removed",
+            "n1 kube-scheduler --no-such-flag: not in components/flags/v1.32.yaml",
+        ]
+    );
 }
 
 #[test]
@@ -272,4 +316,29 @@ fn exec_start_parser_joins_continuation_lines() {
     let (prog, flags) = units::exec_start_flags(unit).unwrap();
     assert_eq!(prog, "/usr/local/bin/x");
     assert_eq!(flags, ["a", "b", "c"]);
+}
+
+#[test]
+fn a_lone_worker_gets_a_valid_routes_unit_without_routes() {
+    let text = std::fs::read_to_string(root().join("scenarios/1m1w.yaml")).unwrap();
+    let src = Sources {
+        roots: vec![root()],
+    };
+    let s = load_str(&text, "1m1w.yaml", &src, &HostLimits { memory_mib: 65536 }).unwrap();
+    let p = plan(&s, &text, Path::new("/var/lib/kthw-lab"));
+    let os = NodeOs::default();
+    let worker = p.workers().next().unwrap();
+    let controller = p.controllers().next().unwrap();
+    let w = units::pod_routes_service(&p, worker, &os);
+    assert!(units::pod_routes(&p, worker).is_empty());
+    assert!(w.contains("ExecStart=/usr/bin/true"), "{w}");
+    let c = units::pod_routes_service(&p, controller, &os);
+    assert!(
+        c.contains(&format!(
+            "route replace {} via {} proto static",
+            worker.pod_cidr.unwrap(),
+            worker.ip
+        )),
+        "{c}"
+    );
 }
