@@ -257,6 +257,9 @@ pub fn kube_apiserver_service(plan: &LabPlan, node: &NodePlan, bins: &Bins) -> S
         ("kubelet-certificate-authority", k("ca.pem")),
         ("kubelet-client-certificate", k("kube-apiserver-kubelet-client.pem")),
         ("kubelet-client-key", k("kube-apiserver-kubelet-client-key.pem")),
+        // Reach kubelets by the address their serving certificate names, without
+        // needing the workers' host names in the controllers' resolver.
+        ("kubelet-preferred-address-types", "InternalIP,Hostname".into()),
         ("secure-port", "6443".into()),
         ("service-account-issuer", plan.load_balancer.endpoint.clone()),
         ("service-account-key-file", k("service-accounts.pem")),
