@@ -716,6 +716,32 @@ mod tests {
         }
     }
 
+    /// Pins come only from kubespray's checksums.yml (see catalog.yaml); the
+    /// binaries kubespray does not download are verified against dl.k8s.io's files.
+    #[test]
+    fn pinned_and_upstream_checksums_are_where_the_catalog_says() {
+        let c = ComponentCatalog::builtin().unwrap();
+        let v = Versions::default();
+        for name in REQUIRED {
+            let (_, r) = c.release_for(name, &v).unwrap();
+            let pinned = matches!(r.checksum, ChecksumSource::Sha256(_));
+            let from_kubespray = [
+                "kubelet",
+                "kubectl",
+                "etcd",
+                "containerd",
+                "runc",
+                "cni-plugins",
+                "crictl",
+            ]
+            .contains(name);
+            assert_eq!(pinned, from_kubespray, "{name}");
+            if let ChecksumSource::Url { url, .. } = &r.checksum {
+                assert_eq!(url, &format!("{}.sha256", r.url), "{name}");
+            }
+        }
+    }
+
     #[test]
     fn no_checksum_is_an_error() {
         let text = "arch: amd64\ncomponents:\n  kubectl:\n    nodes: all\n    version_of: kubernetes\n    versions:\n      \"1.0.0\":\n        url: https://x/kubectl\n        kind: binary\n        install:\n          - to: /usr/local/bin/kubectl\n";
