@@ -302,3 +302,136 @@ fn archive_members_are_installed_with_their_mode() {
     // The scratch directory is gone again.
     assert!(!Path::new(&format!("{}.d", archive.display())).exists());
 }
+
+/// A catalog of two made-up tools (not Kubernetes components), versioned like crictl.
+fn tool_catalog(bin_sha: &str) -> ComponentCatalog {
+    use kthw_lab::components::{
+        ArtifactKind, ChecksumSource, Component, InstallFile, NodeSet, Release, VersionOf,
+    };
+    let comp = |name: &str, rel: Release| Component {
+        name: name.into(),
+        nodes: NodeSet::Worker,
+        version_of: VersionOf::Crictl,
+        versions: [("1.32.0".to_string(), rel)].into_iter().collect(),
+    };
+    ComponentCatalog {
+        arch: "amd64".into(),
+        components: vec![
+            comp(
+                "tool-bin",
+                Release {
+                    url: "https://example.invalid/tool-bin".into(),
+                    checksum: ChecksumSource::Sha256(bin_sha.into()),
+                    kind: ArtifactKind::Binary,
+                    install: vec![InstallFile {
+                        from: None,
+                        to: "/usr/local/bin/tool-bin".into(),
+                        mode: 0o755,
+                    }],
+                },
+            ),
+            comp(
+                "tool-archive",
+                Release {
+                    url: "https://example.invalid/tool-archive.tar.gz".into(),
+                    checksum: ChecksumSource::Url {
+                        url: "https://example.invalid/tool-archive.tar.gz.sha256".into(),
+                        entry: None,
+                    },
+                    kind: ArtifactKind::TarGz,
+                    install: vec![
+                        InstallFile {
+                            from: Some("pkg/one".into()),
+                            to: "/usr/local/bin/one".into(),
+                            mode: 0o755,
+                        },
+                        InstallFile {
+                            from: Some("pkg/two".into()),
+                            to: "/opt/tool/two".into(),
+                            mode: 0o700,
+                        },
+                    ],
+                },
+            ),
+        ],
+        provided_by_image: Default::default(),
+    }
+}
+
+#[test]
+fn components_install_from_the_cache_once_and_refuse_a_tampered_file() {
+    use kthw_lab::actions::bootstrap::install_component;
+    use sha2::Digest;
+    let Some(sshd) = start_sshd() else { return };
+    let r = remote(&sshd);
+    let p = plan_2m2w();
+    let cache = sshd.dir.path().join("cache");
+    let root = sshd.dir.path().join("node-root");
+    // The single binary, cached where the catalog says.
+    let bin = b"#!/bin/sh\necho tool\n".to_vec();
+    let bin_dir = cache.join("components/tool-bin/1.32.0");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    std::fs::write(bin_dir.join("tool-bin"), &bin).unwrap();
+    // The archive.
+    let src = sshd.dir.path().join("src/pkg");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("one"), "#!/bin/sh\necho one\n").unwrap();
+    std::fs::write(src.join("two"), "#!/bin/sh\necho two\n").unwrap();
+    let arc_dir = cache.join("components/tool-archive/1.32.0");
+    std::fs::create_dir_all(&arc_dir).unwrap();
+    assert!(Command::new("tar")
+        .arg("-czf")
+        .arg(arc_dir.join("tool-archive.tar.gz"))
+        .arg("-C")
+        .arg(sshd.dir.path().join("src"))
+        .arg("pkg")
+        .status()
+        .unwrap()
+        .success());
+
+    let cat = tool_catalog(&hex::encode(sha2::Sha256::digest(&bin)));
+    let mut b = Bootstrap::new(&p, &cat, &cache);
+    b.install_root = root.display().to_string();
+    let at = |p: &str| format!("{}{p}", root.display());
+
+    let first = install_component(&b, &r, "n1", "tool-bin").unwrap();
+    assert_eq!(first, [at("/usr/local/bin/tool-bin")]);
+    assert!(install_component(&b, &r, "n1", "tool-bin")
+        .unwrap()
+        .is_empty());
+    let first = install_component(&b, &r, "n1", "tool-archive").unwrap();
+    assert_eq!(first, [at("/usr/local/bin/one"), at("/opt/tool/two")]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &str| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&at("/opt/tool/two")), 0o700);
+    assert_eq!(
+        std::fs::read_to_string(at("/var/lib/kthw/components/tool-archive.sha256"))
+            .unwrap()
+            .trim()
+            .len(),
+        64
+    );
+    assert!(install_component(&b, &r, "n1", "tool-archive")
+        .unwrap()
+        .is_empty());
+    // A file lost on the node brings the archive back.
+    std::fs::remove_file(at("/opt/tool/two")).unwrap();
+    assert_eq!(
+        install_component(&b, &r, "n1", "tool-archive")
+            .unwrap()
+            .len(),
+        2
+    );
+    // No archive copy is left behind on the node.
+    assert!(!Path::new(&at("/var/cache/kthw/tool-archive.tar.gz")).exists());
+
+    // A cached file that does not match the pinned digest is refused.
+    std::fs::write(bin_dir.join("tool-bin"), b"tampered").unwrap();
+    let e = install_component(&b, &r, "n1", "tool-bin").unwrap_err();
+    assert!(matches!(e, BootstrapError::CacheMismatch { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains("does not match the catalog's pinned"),
+        "{e}"
+    );
+}

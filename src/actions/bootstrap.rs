@@ -14,7 +14,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use crate::components::{
-    cache_path, missing_components, missing_report, ArtifactKind, ComponentCatalog,
+    cache_path, missing_components, missing_report, ArtifactKind, ChecksumSource, ComponentCatalog,
 };
 use crate::plan::{LabPlan, NodePlan};
 use crate::remote::{all_ok, exec_all, sh_quote, Remote, RemoteError};
@@ -60,6 +60,9 @@ pub struct Bootstrap<'a> {
     pub os: NodeOs,
     /// How long to wait for services to come up (TCG is slow).
     pub settle: Duration,
+    /// Prefix for every path component installs write on the node (like DESTDIR);
+    /// empty on real nodes.
+    pub install_root: String,
 }
 
 impl<'a> Bootstrap<'a> {
@@ -74,6 +77,7 @@ impl<'a> Bootstrap<'a> {
             bins: Bins::downloaded(),
             os: NodeOs::default(),
             settle: Duration::from_secs(180),
+            install_root: String::new(),
         }
     }
 
@@ -93,6 +97,12 @@ pub enum BootstrapError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{path}: sha256 {got} does not match the catalog's pinned {want}")]
+    CacheMismatch {
+        path: PathBuf,
+        want: String,
+        got: String,
+    },
     #[error("{node}: {what} did not become ready: {detail}")]
     NotReady {
         node: String,
@@ -111,6 +121,10 @@ impl BootstrapError {
             BootstrapError::Local { .. } => {
                 Some("run the pki phase first (`kthw-lab create --from pki`)".into())
             }
+            BootstrapError::CacheMismatch { path, .. } => Some(format!(
+                "remove {} and download or import it again",
+                path.display()
+            )),
             BootstrapError::NotReady { node, what, .. } => Some(format!(
                 "look at `journalctl -u {what}` on {node}; the phase can be rerun"
             )),
@@ -328,8 +342,11 @@ fn sync_copies<R: Remote + ?Sized>(
     Ok(sync_files(remote, node, &files)?)
 }
 
-/// Install a component's files from the cache unless the node has them already.
-fn install_component<R: Remote + ?Sized>(
+/// Install a component's files from the cache unless the node has them already:
+/// single binaries are compared by digest, archives by a marker naming the digest of
+/// the archive their files came from. A cached file that does not match the
+/// catalog's pinned sha256 is refused.
+pub fn install_component<R: Remote + ?Sized>(
     b: &Bootstrap,
     remote: &R,
     node: &str,
@@ -353,18 +370,30 @@ fn install_component<R: Remote + ?Sized>(
         )))
     })?;
     let digest = sha256_hex(&bytes);
+    if let ChecksumSource::Sha256(want) = &rel.checksum {
+        if *want != digest {
+            return Err(BootstrapError::CacheMismatch {
+                path: local,
+                want: want.clone(),
+                got: digest,
+            });
+        }
+    }
+    let root = b.install_root.trim_end_matches('/');
+    let at = |p: &str| format!("{root}{p}");
     let mut done = Vec::new();
     match rel.kind {
         ArtifactKind::Binary => {
             let f = &rel.install[0];
-            if remote.file_sha256(node, &f.to)?.as_deref() != Some(digest.as_str()) {
-                remote.upload(node, &bytes, &f.to, f.mode, "root:root")?;
-                done.push(f.to.clone());
+            let to = at(&f.to);
+            if remote.file_sha256(node, &to)?.as_deref() != Some(digest.as_str()) {
+                remote.upload(node, &bytes, &to, f.mode, "root:root")?;
+                done.push(to);
             }
         }
         ArtifactKind::TarGz => {
             // A marker records which archive the installed files came from.
-            let marker = format!("/var/lib/kthw/components/{name}.sha256");
+            let marker = at(&format!("/var/lib/kthw/components/{name}.sha256"));
             let have = remote
                 .run(
                     node,
@@ -375,16 +404,17 @@ fn install_component<R: Remote + ?Sized>(
             let all_there = rel
                 .install
                 .iter()
-                .map(|f| format!("[ -x {} ]", sh_quote(&f.to)));
+                .map(|f| format!("[ -x {} ]", sh_quote(&at(&f.to))));
             let check = all_there.collect::<Vec<_>>().join(" && ");
             let present = remote.exec(node, &check, SHORT)?.success();
             if have.trim() != digest || !present {
-                let archive = format!("/var/cache/kthw/{}", rel.file_name());
+                let archive = at(&format!("/var/cache/kthw/{}", rel.file_name()));
                 remote.upload(node, &bytes, &archive, 0o600, "root:root")?;
                 for f in &rel.install {
                     let from = f.from.as_deref().unwrap_or_default();
-                    remote.run(node, &extract_cmd(&archive, from, &f.to, f.mode), SHORT)?;
-                    done.push(f.to.clone());
+                    let to = at(&f.to);
+                    remote.run(node, &extract_cmd(&archive, from, &to, f.mode), SHORT)?;
+                    done.push(to);
                 }
                 remote.upload(
                     node,
