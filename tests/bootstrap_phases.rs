@@ -129,8 +129,9 @@ fn a_missing_component_is_one_error_naming_files_and_the_import_command() {
         "{e}"
     );
     // Taking etcd from the image skips the cache: the phase goes on to the nodes.
-    let mut b2 = b.clone();
-    b2.from_image = vec!["etcd".into()];
+    let b2 = b.clone().use_image(&["etcd"]);
+    assert_eq!(b2.bins.etcd, "/usr/bin/etcd");
+    assert_eq!(b2.bins.etcdctl, "/usr/bin/etcdctl");
     match ensure_etcd(&b2, &remote) {
         Err(BootstrapError::Remote(RemoteError::UnknownNode { node })) => assert_eq!(node, "m1"),
         other => panic!("expected to reach the remote, got {other:?}"),

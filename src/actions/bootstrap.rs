@@ -6,6 +6,15 @@
 //! The commands are built by pure functions (tested without any node); the phases
 //! run them through a [`Remote`]. They are exercised for real by the VM end-to-end
 //! test; here nothing may touch this host's systemd or routes.
+//!
+//! Wiring, for the runner: build a [`Bootstrap`] from the plan, the component
+//! catalog and the cache dir; fill `files` from the PKI distribution
+//! (`FileCopy { node, local: source, remote: dest, mode }`), set `admin_kubeconfig`
+//! when an admin kubeconfig is among the first controller's files, and call
+//! [`Bootstrap::use_image`] for components taken from the image. Then
+//! `ensure_etcd`, `ensure_routes`, `ensure_runtime`, `ensure_control_plane`,
+//! `ensure_workers`, `smoke`, in that order; map errors with
+//! [`BootstrapError::into_error`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -81,6 +90,19 @@ impl<'a> Bootstrap<'a> {
         }
     }
 
+    /// Take `components` (`etcd`, `containerd`, `runc`, `cni-plugins`) from the
+    /// image's Debian packages: skips their cache files and points the units at the
+    /// package paths, keeping the two consistent.
+    pub fn use_image(mut self, components: &[&str]) -> Self {
+        self.from_image = components.iter().map(|c| c.to_string()).collect();
+        if components.contains(&"etcd") {
+            // etcdctl comes with it (package etcd-client).
+            self.from_image.push("etcdctl".into());
+        }
+        self.bins = Bins::with_image(self.catalog, &self.plan.image, components);
+        self
+    }
+
     fn uses_image(&self, component: &str) -> bool {
         self.from_image.iter().any(|c| c == component)
     }
@@ -112,6 +134,15 @@ pub enum BootstrapError {
 }
 
 impl BootstrapError {
+    /// The crate error for the runner: exit code 12, the chain, and the hint.
+    pub fn into_error(self, what: &str) -> crate::error::Error {
+        crate::error::Error::Bootstrap {
+            what: what.to_string(),
+            hint: self.hint().unwrap_or_default(),
+            source: Some(Box::new(self)),
+        }
+    }
+
     pub fn hint(&self) -> Option<String> {
         match self {
             BootstrapError::MissingComponents(_) => {
