@@ -342,3 +342,53 @@ fn a_lone_worker_gets_a_valid_routes_unit_without_routes() {
         "{c}"
     );
 }
+
+/// The etcd unit's flags and the etcdctl health command's flags, checked against
+/// the `--help` of the real etcd/etcdctl 3.4 that Debian ships (the image's
+/// packages). Skipped when they are not installed here.
+#[test]
+fn etcd_flags_exist_in_the_debian_etcd_binaries() {
+    let (etcd, etcdctl) = ("/usr/bin/etcd", "/usr/bin/etcdctl");
+    if !Path::new(etcd).exists() || !Path::new(etcdctl).exists() {
+        eprintln!("skipped: {etcd} or {etcdctl} missing (apt-get install etcd-server etcd-client)");
+        return;
+    }
+    let help = |bin: &str| {
+        let out = std::process::Command::new(bin)
+            .arg("--help")
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let known = |text: &str, flag: &str| {
+        text.lines().any(|l| {
+            let l = l.trim_start();
+            l.starts_with(&format!("--{flag} ")) || l.starts_with(&format!("--{flag}="))
+        })
+    };
+    let p = plan_2m2w();
+    let cat = ComponentCatalog::builtin().unwrap();
+    let bins = Bins::with_image(&cat, &p.image, &["etcd"]);
+    let m1 = p.node("m1").unwrap();
+    let etcd_help = help(etcd);
+    assert!(
+        !known(&etcd_help, "no-such-flag"),
+        "the check must be able to fail"
+    );
+    let (prog, flags) = units::exec_start_flags(&units::etcd_service(&p, m1, &bins)).unwrap();
+    assert_eq!(prog, etcd);
+    for f in &flags {
+        assert!(known(&etcd_help, f), "etcd 3.4 has no --{f}");
+    }
+    let ctl_help = help(etcdctl);
+    let cmd = kthw_lab::actions::bootstrap::etcd_health_cmd(&p, m1, &bins);
+    for w in cmd.split_whitespace().filter_map(|w| w.strip_prefix("--")) {
+        let f = w.split('=').next().unwrap();
+        assert!(known(&ctl_help, f), "etcdctl 3.4 has no --{f}");
+    }
+    assert!(ctl_help.contains("endpoint health"));
+}
