@@ -370,19 +370,17 @@ fn components_install_from_the_cache_once_and_refuse_a_tampered_file() {
     let root = sshd.dir.path().join("node-root");
     // The single binary, cached where the catalog says.
     let bin = b"#!/bin/sh\necho tool\n".to_vec();
-    let bin_dir = cache.join("components/tool-bin/1.32.0");
-    std::fs::create_dir_all(&bin_dir).unwrap();
-    std::fs::write(bin_dir.join("tool-bin"), &bin).unwrap();
+    std::fs::create_dir_all(cache.join("components")).unwrap();
+    let bin_file = cache.join("components/tool-bin-1.32.0");
+    std::fs::write(&bin_file, &bin).unwrap();
     // The archive.
     let src = sshd.dir.path().join("src/pkg");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("one"), "#!/bin/sh\necho one\n").unwrap();
     std::fs::write(src.join("two"), "#!/bin/sh\necho two\n").unwrap();
-    let arc_dir = cache.join("components/tool-archive/1.32.0");
-    std::fs::create_dir_all(&arc_dir).unwrap();
     assert!(Command::new("tar")
         .arg("-czf")
-        .arg(arc_dir.join("tool-archive.tar.gz"))
+        .arg(cache.join("components/tool-archive-1.32.0"))
         .arg("-C")
         .arg(sshd.dir.path().join("src"))
         .arg("pkg")
@@ -427,7 +425,7 @@ fn components_install_from_the_cache_once_and_refuse_a_tampered_file() {
     assert!(!Path::new(&at("/var/cache/kthw/tool-archive.tar.gz")).exists());
 
     // A cached file that does not match the pinned digest is refused.
-    std::fs::write(bin_dir.join("tool-bin"), b"tampered").unwrap();
+    std::fs::write(&bin_file, b"tampered").unwrap();
     let e = install_component(&b, &r, "n1", "tool-bin").unwrap_err();
     assert!(matches!(e, BootstrapError::CacheMismatch { .. }), "{e}");
     assert!(

@@ -56,7 +56,7 @@ impl From<(String, PathBuf, String, u32)> for FileCopy {
 pub struct Bootstrap<'a> {
     pub plan: &'a LabPlan,
     pub catalog: &'a ComponentCatalog,
-    /// The download cache (`CACHE/components/NAME/VERSION/FILE`).
+    /// The download cache root (`CACHE/components/NAME-VERSION`).
     pub cache_dir: PathBuf,
     /// Components taken from the image's Debian packages instead of the cache.
     pub from_image: Vec<String>,
@@ -391,7 +391,7 @@ pub fn install_component<R: Remote + ?Sized>(
             "{name}: the component catalog has no version for this plan"
         )));
     };
-    let local = cache_path(&b.cache_dir, name, version, rel.file_name());
+    let local = cache_path(&b.cache_dir, name, version);
     let bytes = std::fs::read(&local).map_err(|_| {
         BootstrapError::MissingComponents(missing_report(&missing_components(
             b.catalog,

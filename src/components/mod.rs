@@ -542,14 +542,14 @@ impl ComponentCatalog {
     }
 }
 
-/// Where a component's release asset sits in the download cache:
-/// `CACHE/components/NAME/VERSION/FILE`, FILE being upstream's file name.
-pub fn cache_path(cache_dir: &Path, component: &str, version: &str, file: &str) -> PathBuf {
+/// Where a component's release asset (binary or archive) sits in the download
+/// cache: the file `CACHE/components/NAME-VERSION`, the layout of the cache
+/// module's `Cache::component_path`. `cache import DIR` finds it in DIR under
+/// upstream's file name ([`Release::file_name`]).
+pub fn cache_path(cache_dir: &Path, component: &str, version: &str) -> PathBuf {
     cache_dir
         .join("components")
-        .join(component)
-        .join(version)
-        .join(file)
+        .join(format!("{component}-{version}"))
 }
 
 /// One component the plan needs and the cache does not have.
@@ -611,7 +611,7 @@ pub fn missing_components(
         let version = c.version_of.pick(&plan.versions).to_string();
         match c.versions.get(&version) {
             Some(r) => {
-                let path = cache_path(cache_dir, &c.name, &version, r.file_name());
+                let path = cache_path(cache_dir, &c.name, &version);
                 if !path.is_file() {
                     out.push(Missing {
                         component: c.name.clone(),
@@ -626,7 +626,7 @@ pub fn missing_components(
             None => out.push(Missing {
                 component: c.name.clone(),
                 file_name: String::new(),
-                expected_path: cache_dir.join("components").join(&c.name).join(&version),
+                expected_path: cache_path(cache_dir, &c.name, &version),
                 url: None,
                 version,
                 reason: MissingReason::UnknownVersion,
