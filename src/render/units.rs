@@ -336,6 +336,9 @@ pub fn kube_scheduler_config() -> String {
 }
 
 /// containerd's config: CRI with runc (systemd cgroups) and the CNI directories.
+/// Version 3 (containerd 2.x) puts the CRI runtime under
+/// `plugins.'io.containerd.cri.v1.runtime'`; version 2 (1.x, the image's package)
+/// under `plugins."io.containerd.grpc.v1.cri"` (containerd's docs/cri/config.md).
 pub fn containerd_config(bins: &Bins) -> String {
     let (header, cri) = match bins.containerd_config {
         ContainerdConfig::V3 => ("version = 3", "plugins.'io.containerd.cri.v1.runtime'"),
@@ -400,7 +403,9 @@ pub fn cni_loopback_conf() -> String {
     "{\n  \"cniVersion\": \"1.0.0\",\n  \"name\": \"lo\",\n  \"type\": \"loopback\"\n}\n".into()
 }
 
-/// KubeletConfiguration (kubelet.config.k8s.io/v1beta1) for a worker.
+/// KubeletConfiguration (kubelet.config.k8s.io/v1beta1) for a worker. Field names as
+/// in the config-api reference (kubelet-config.v1beta1): `containerRuntimeEndpoint`
+/// is required there; `registerNode` replaces the deprecated `--register-node`.
 pub fn kubelet_config(plan: &LabPlan, node: &NodePlan, os: &NodeOs) -> String {
     let pod_cidr = node.pod_cidr.map(|c| c.to_string()).unwrap_or_default();
     format!(
@@ -453,7 +458,8 @@ pub fn kubelet_service(bins: &Bins) -> String {
     )
 }
 
-/// KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1), iptables mode.
+/// KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1), iptables mode; with
+/// `clusterCIDR` set, traffic from outside the pod range is told apart from pods'.
 pub fn kube_proxy_config(plan: &LabPlan) -> String {
     format!(
         "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclientConnection:\n  kubeconfig: \"{}\"\nmode: \"iptables\"\nclusterCIDR: \"{}\"\n",
