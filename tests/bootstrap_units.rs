@@ -392,3 +392,49 @@ fn etcd_flags_exist_in_the_debian_etcd_binaries() {
     }
     assert!(ctl_help.contains("endpoint health"));
 }
+
+/// Every rendered unit passes `systemd-analyze verify` (offline, read-only). The
+/// only complaint allowed is a downloaded binary that is not installed on this
+/// machine. Skipped when systemd-analyze is missing.
+#[test]
+fn rendered_units_pass_systemd_analyze_verify() {
+    let tool = "/usr/bin/systemd-analyze";
+    if !Path::new(tool).exists() {
+        eprintln!("skipped: {tool} missing");
+        return;
+    }
+    let p = plan_2m2w();
+    let dir = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for (node, f) in all_files(&p, &Bins::downloaded()) {
+        let Some(name) = f.path.strip_prefix("/etc/systemd/system/") else {
+            continue;
+        };
+        let nd = dir.path().join(&node);
+        std::fs::create_dir_all(&nd).unwrap();
+        let unit = nd.join(name);
+        std::fs::write(&unit, &f.content).unwrap();
+        let out = std::process::Command::new(tool)
+            .args(["verify", "--man=no"])
+            .arg(&unit)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let problems: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .filter(|l| !(l.contains("/usr/local/bin/") && l.contains("is not executable")))
+            .collect();
+        assert!(
+            problems.is_empty(),
+            "{node} {name}:\n{}",
+            problems.join("\n")
+        );
+        checked += 1;
+    }
+    assert!(checked >= 12, "only {checked} units verified");
+}
