@@ -434,3 +434,99 @@ fn components_install_from_the_cache_once_and_refuse_a_tampered_file() {
         "{e}"
     );
 }
+
+/// The health check and its parser against a real etcd (Debian's 3.4) serving TLS
+/// with client-certificate auth on 127.0.0.1, plus an endpoint nobody listens on.
+/// Certificates come from openssl in a temp dir. Skipped without etcd or openssl.
+#[test]
+fn etcd_health_reads_real_etcdctl_output() {
+    use kthw_lab::actions::bootstrap::etcd_health_cmd_with;
+    let (etcd, etcdctl) = ("/usr/bin/etcd", "/usr/bin/etcdctl");
+    let have_openssl = Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !Path::new(etcd).exists() || !Path::new(etcdctl).exists() || !have_openssl {
+        eprintln!("skipped: etcd, etcdctl or openssl missing");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sh = |cmd: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca-key.pem -out ca.pem -days 1 -subj /CN=test-ca 2>/dev/null");
+    std::fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=digitalSignature\n",
+    )
+    .unwrap();
+    sh("openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout m-key.pem -out m.csr -subj /CN=etcd-test 2>/dev/null");
+    sh("openssl x509 -req -in m.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -out m.pem -days 1 -extfile ext.cnf 2>/dev/null");
+    let port = || {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (client, peer, dead) = (port(), port(), port());
+    let p = |f: &str| d.join(f).display().to_string();
+    let mut child = Command::new(etcd)
+        .args([
+            "--name=t".to_string(),
+            format!("--data-dir={}", p("data")),
+            format!("--listen-client-urls=https://127.0.0.1:{client}"),
+            format!("--advertise-client-urls=https://127.0.0.1:{client}"),
+            format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
+            format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
+            format!("--initial-cluster=t=http://127.0.0.1:{peer}"),
+            format!("--cert-file={}", p("m.pem")),
+            format!("--key-file={}", p("m-key.pem")),
+            format!("--trusted-ca-file={}", p("ca.pem")),
+            "--client-cert-auth".to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let live = format!("https://127.0.0.1:{client}");
+    let gone = format!("https://127.0.0.1:{dead}");
+    let mut plan = plan_2m2w();
+    plan.cluster.etcd_endpoints = vec![live.clone(), gone.clone()];
+    let cmd = etcd_health_cmd_with(
+        etcdctl,
+        &plan.cluster.etcd_endpoints,
+        &p("ca.pem"),
+        &p("m.pem"),
+        &p("m-key.pem"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let bad = loop {
+        let out = Command::new("sh").arg("-c").arg(&cmd).output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bad = unhealthy_endpoints(&plan, &text);
+        if bad.len() == 1 || Instant::now() > deadline {
+            break (bad, text);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(bad.0, [gone], "etcdctl said:\n{}", bad.1);
+    assert!(bad.1.contains(&format!("{live} is healthy")), "{}", bad.1);
+}

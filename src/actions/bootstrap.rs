@@ -220,13 +220,29 @@ pub fn inactive_units<'u>(units: &[&'u str], output: &str) -> Vec<(&'u str, Stri
 
 /// etcd health over TLS with the controller's own etcd certificate, every member.
 pub fn etcd_health_cmd(plan: &LabPlan, node: &NodePlan, bins: &Bins) -> String {
+    etcd_health_cmd_with(
+        &bins.etcdctl,
+        &plan.cluster.etcd_endpoints,
+        &on_node::etcd_ca(),
+        &on_node::etcd_cert(&node.name),
+        &on_node::etcd_key(&node.name),
+    )
+}
+
+/// [`etcd_health_cmd`] with explicit paths.
+pub fn etcd_health_cmd_with(
+    etcdctl: &str,
+    endpoints: &[String],
+    ca: &str,
+    cert: &str,
+    key: &str,
+) -> String {
     format!(
         "ETCDCTL_API=3 {etcdctl} --endpoints={eps} --cacert={ca} --cert={cert} --key={key} --command-timeout=5s endpoint health",
-        etcdctl = bins.etcdctl,
-        eps = plan.cluster.etcd_endpoints.join(","),
-        ca = on_node::etcd_ca(),
-        cert = on_node::etcd_cert(&node.name),
-        key = on_node::etcd_key(&node.name),
+        eps = endpoints.join(","),
+        ca = sh_quote(ca),
+        cert = sh_quote(cert),
+        key = sh_quote(key),
     )
 }
 
