@@ -1,6 +1,7 @@
 //! The phase runner: runs the lab's phases in order, each an idempotent ensure,
 //! recording progress in the journal so an interrupted run resumes where it stood.
 
+pub mod bootstrap;
 pub mod journal;
 pub mod phase;
 pub mod phases;

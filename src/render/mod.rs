@@ -2,3 +2,4 @@
 
 pub mod encryption;
 pub mod kubeconfig;
+pub mod units;
