@@ -1021,10 +1021,10 @@ fn catalog_rejects_mixed_and_missing_fields() {
     let err = Catalog::load(&[root.path().to_path_buf()]).unwrap_err();
     let text = err.report();
     for needle in [
-        "both.yaml:1:7: algorithm: missing required field `algorithm`",
+        "both.yaml:1:1: algorithm: missing required field `algorithm`",
         "both.yaml:5:7: boot: direct-kernel boot needs the kernel",
         "both.yaml:7:9: recipe: `recipe` applies only to source: build",
-        "builder.yaml:1:7: recipe: missing required field `recipe`",
+        "builder.yaml:1:1: recipe: missing required field `recipe`",
         "builder.yaml:2:9: format: `vmdk` is not one of: qcow2, raw",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");

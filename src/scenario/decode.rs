@@ -352,9 +352,11 @@ impl<'n> MapReader<'n> {
         (!node.is_null()).then_some(node)
     }
 
+    /// Record the positions of keys read so far. A key never overrides a position
+    /// already recorded for its path (its value's, when the caller decoded it by hand).
     fn flush(&mut self, cx: &mut Ctx) {
         for (p, pos) in self.key_positions.drain(..) {
-            cx.record(&p, pos);
+            cx.positions.entry(p).or_insert(pos);
         }
     }
 
