@@ -98,7 +98,7 @@ fn table() -> Vec<(&'static str, String, Vec<&'static str>)> {
         (
             "unknown key at top level",
             format!("{BASE}colour: blue\n"),
-            vec!["s.yaml:13:1: colour: unknown field `colour`, expected one of: name, description, network, image, accelerator, ssh_user, key_algorithm, controllers, workers, load_balancer, cluster, versions"],
+            vec!["s.yaml:13:1: colour: unknown field `colour`, expected one of: name, description, network, image, accelerator, ssh_user, key_algorithm, controllers, workers, load_balancer, cluster, versions, from_image"],
         ),
         (
             "unknown key in a section",
@@ -260,6 +260,16 @@ fn table() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "root ssh user",
             with("name: lab", "name: lab\nssh_user: root"),
             vec!["s.yaml:2:11: ssh_user: use a non-root user; the lab gives it passwordless sudo"],
+        ),
+        (
+            "unknown component from the image",
+            with("name: lab", "name: lab\nfrom_image: [etcd, kubelet]"),
+            vec!["s.yaml:2:20: from_image[1]: `kubelet` is not one of: etcd, containerd, runc, cni-plugins"],
+        ),
+        (
+            "component the image does not ship",
+            with("name: lab", "name: lab\nimage: debian-12\nfrom_image: [etcd]"),
+            vec!["s.yaml:3:14: from_image[0]: image `debian-12` does not ship `etcd`; remove it from from_image to download the pinned release"],
         ),
         (
             "bad version",

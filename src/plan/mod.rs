@@ -36,6 +36,8 @@ pub struct LabPlan {
     pub nodes: Vec<NodePlan>,
     pub certificates: Vec<CertSpec>,
     pub versions: Versions,
+    /// Components taken from the image's packages (see the scenario's `from_image`).
+    pub from_image: Vec<String>,
     pub paths: LabPaths,
 }
 
@@ -269,6 +271,7 @@ pub fn plan(s: &Scenario, scenario_text: &str, state_dir: &Path) -> LabPlan {
         nodes,
         certificates,
         versions: s.versions.clone(),
+        from_image: s.from_image.clone(),
         paths,
     }
 }

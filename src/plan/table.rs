@@ -96,6 +96,23 @@ pub fn render_table(p: &LabPlan) -> String {
                 p.ssh_user
             ),
         ],
+        vec![
+            "versions".into(),
+            format!(
+                "kubernetes {}  etcd {}  containerd {}  runc {}  cni {}  crictl {}{}",
+                p.versions.kubernetes,
+                p.versions.etcd,
+                p.versions.containerd,
+                p.versions.runc,
+                p.versions.cni_plugins,
+                p.versions.crictl,
+                if p.from_image.is_empty() {
+                    String::new()
+                } else {
+                    format!("  (from the image: {})", p.from_image.join(", "))
+                }
+            ),
+        ],
         vec!["state".into(), p.paths.root.display().to_string()],
     ];
     out.push_str(&rows_to_text(&kv));

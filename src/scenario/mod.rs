@@ -39,6 +39,7 @@ const SCENARIO_FIELDS: &[&str] = &[
     "load_balancer",
     "cluster",
     "versions",
+    "from_image",
 ];
 
 /// What validation needs to know about the host.
@@ -202,6 +203,8 @@ fn decode_scenario(root: &Node, cx: &mut Ctx, sources: &Sources) -> Option<Scena
         name.as_deref().unwrap_or("kthw"),
     );
     let versions = read_versions(m.section("versions", cx), cx);
+    let from_image: Vec<String> = m.opt("from_image", cx).unwrap_or_default();
+    check_from_image(&from_image, &image, cx);
     m.finish(cx);
     Some(Scenario {
         name: name.unwrap_or_default(),
@@ -217,7 +220,35 @@ fn decode_scenario(root: &Node, cx: &mut Ctx, sources: &Sources) -> Option<Scena
         load_balancer: load_balancer?,
         cluster,
         versions,
+        from_image,
     })
+}
+
+/// Each listed component must be one an image can provide, listed once, and
+/// provided by the scenario's image according to the component catalog.
+fn check_from_image(list: &[String], image: &str, cx: &mut Ctx) {
+    let catalog = crate::components::ComponentCatalog::builtin().ok();
+    for (i, c) in list.iter().enumerate() {
+        let path = format!("from_image[{i}]");
+        if !model::IMAGE_COMPONENTS.contains(&c.as_str()) {
+            cx.error_at_path(
+                &path,
+                format!(
+                    "`{c}` is not one of: {}",
+                    model::IMAGE_COMPONENTS.join(", ")
+                ),
+            );
+        } else if list[..i].contains(c) {
+            cx.error_at_path(&path, format!("`{c}` is listed twice"));
+        } else if let Some(cat) = &catalog {
+            if cat.from_image(image, c).is_none() {
+                cx.error_at_path(
+                    &path,
+                    format!("image `{image}` does not ship `{c}`; remove it from from_image to download the pinned release"),
+                );
+            }
+        }
+    }
 }
 
 /// `network: NAME` or `network: { profile: NAME, <overrides> }`.

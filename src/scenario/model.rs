@@ -259,7 +259,13 @@ pub struct Scenario {
     pub load_balancer: LoadBalancer,
     pub cluster: Cluster,
     pub versions: Versions,
+    /// Components taken from the image's own packages instead of downloaded
+    /// releases (e.g. `etcd`, `containerd`, `runc`, `cni-plugins` on kthw-debian12).
+    pub from_image: Vec<String>,
 }
+
+/// Components an image may provide (the catalog says which image provides which).
+pub const IMAGE_COMPONENTS: &[&str] = &["etcd", "containerd", "runc", "cni-plugins"];
 
 impl FromNode for NetworkFields {
     fn from_node(node: &Node, path: &str, cx: &mut Ctx) -> Option<Self> {
