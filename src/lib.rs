@@ -1,1 +1,2 @@
 //! kthw-lab: Kubernetes the Hard Way labs on one Linux host.
+pub mod lb;

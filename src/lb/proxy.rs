@@ -1,0 +1,532 @@
+//! The listener, backend choice with fall-through, and the bidirectional forwarder.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+
+use super::health::{check_loop, Prober};
+use super::select::{try_order, Candidate, HealthState, Policy};
+use super::stats::{BackendCounters, LbStatus, ListenerCounters};
+use super::{control, Backend, HealthConfig, LbConfig, LbError};
+
+/// Size of each direction's copy buffer, allocated when the first byte arrives.
+const BUF_SIZE: usize = 64 * 1024;
+
+/// One backend as the running balancer sees it. Connections hold an `Arc` to it, so a
+/// backend removed by a reload keeps serving the connections it already has.
+pub(crate) struct BackendRt {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub counters: BackendCounters,
+    pub health: Mutex<HealthState>,
+}
+
+impl BackendRt {
+    fn new(b: &Backend) -> BackendRt {
+        let health = HealthState::new();
+        let counters = BackendCounters::default();
+        counters.healthy.store(health.healthy, Relaxed);
+        BackendRt {
+            name: b.name.clone(),
+            addr: b.addr,
+            counters,
+            health: Mutex::new(health),
+        }
+    }
+}
+
+/// The values a connection reads once, at accept.
+#[derive(Debug, Clone)]
+struct Settings {
+    policy: Policy,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    first_byte_timeout: Duration,
+    max_connections: u64,
+}
+
+impl Settings {
+    fn from_config(c: &LbConfig) -> Settings {
+        Settings {
+            policy: c.policy,
+            connect_timeout: Duration::from_millis(c.connect_timeout_ms),
+            idle_timeout: Duration::from_millis(c.idle_timeout_ms),
+            first_byte_timeout: Duration::from_millis(c.first_byte_timeout_ms),
+            max_connections: c.max_connections as u64,
+        }
+    }
+}
+
+struct Shared {
+    config_path: PathBuf,
+    listen: SocketAddr,
+    started: Instant,
+    settings: RwLock<Arc<Settings>>,
+    backends: RwLock<Arc<Vec<Arc<BackendRt>>>>,
+    health_tasks: Mutex<Vec<JoinHandle<()>>>,
+    listener: ListenerCounters,
+    turn: AtomicU64,
+    reloads: AtomicU64,
+}
+
+impl Shared {
+    fn settings(&self) -> Arc<Settings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn backends(&self) -> Arc<Vec<Arc<BackendRt>>> {
+        self.backends
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Installs a config: backends that keep their name and address keep their health
+    /// state, counters and connections; health checks restart with the new settings.
+    fn apply(&self, config: &LbConfig, prober: Prober) {
+        let old = self.backends();
+        let new: Vec<Arc<BackendRt>> = config
+            .backends
+            .iter()
+            .map(|b| {
+                old.iter()
+                    .find(|o| o.name == b.name && o.addr == b.addr)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(BackendRt::new(b)))
+            })
+            .collect();
+        for o in old.iter() {
+            if !new.iter().any(|n| Arc::ptr_eq(n, o)) {
+                tracing::info!(backend = %o.name, addr = %o.addr,
+                    active = o.counters.active.load(Relaxed), "backend removed");
+            }
+        }
+        for n in &new {
+            if !old.iter().any(|o| Arc::ptr_eq(n, o)) {
+                tracing::info!(backend = %n.name, addr = %n.addr, "backend added");
+            }
+        }
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(Settings::from_config(config));
+        *self.backends.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new.clone());
+        self.restart_health(&new, Arc::new(prober), &config.health);
+    }
+
+    fn restart_health(&self, backends: &[Arc<BackendRt>], prober: Arc<Prober>, cfg: &HealthConfig) {
+        let mut tasks = self.health_tasks.lock().unwrap_or_else(|e| e.into_inner());
+        for t in tasks.drain(..) {
+            t.abort();
+        }
+        for b in backends {
+            tasks.push(tokio::spawn(check_loop(
+                b.clone(),
+                prober.clone(),
+                cfg.clone(),
+            )));
+        }
+    }
+
+    fn stop_health(&self) {
+        let mut tasks = self.health_tasks.lock().unwrap_or_else(|e| e.into_inner());
+        for t in tasks.drain(..) {
+            t.abort();
+        }
+    }
+
+    fn status(&self) -> LbStatus {
+        let l = &self.listener;
+        LbStatus {
+            pid: std::process::id(),
+            listen: self.listen,
+            policy: self.settings().policy,
+            uptime_secs: self.started.elapsed().as_secs(),
+            active: l.active.load(Relaxed),
+            total: l.total.load(Relaxed),
+            rejected_max_conn: l.rejected_max_conn.load(Relaxed),
+            no_backend: l.no_backend.load(Relaxed),
+            idle_timeouts: l.idle_timeouts.load(Relaxed),
+            reloads: self.reloads.load(Relaxed),
+            backends: self
+                .backends()
+                .iter()
+                .map(|b| b.counters.snapshot(&b.name, b.addr))
+                .collect(),
+        }
+    }
+}
+
+/// A cheap handle on a running balancer: status and reload, from any task.
+#[derive(Clone)]
+pub struct LbHandle {
+    shared: Arc<Shared>,
+}
+
+impl LbHandle {
+    /// The same report the control socket answers.
+    pub fn status(&self) -> LbStatus {
+        self.shared.status()
+    }
+
+    /// Re-reads the config file and swaps backends and settings; established connections
+    /// are untouched. On error the running config stays. Must run inside the runtime.
+    pub fn reload(&self) -> Result<(), LbError> {
+        let s = &self.shared;
+        let config = LbConfig::load(&s.config_path)?;
+        let prober = Prober::new(&config.health.kind)?;
+        if config.listen != s.listen {
+            tracing::warn!(running = %s.listen, configured = %config.listen,
+                "listen address changed; it takes effect at the next start");
+        }
+        s.apply(&config, prober);
+        s.reloads.fetch_add(1, Relaxed);
+        tracing::info!(config = %s.config_path.display(), backends = config.backends.len(), "config reloaded");
+        Ok(())
+    }
+}
+
+/// A bound balancer, not yet accepting.
+pub struct LbServer {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    control: Option<tokio::net::UnixListener>,
+    control_path: PathBuf,
+}
+
+fn bind_listener(addr: SocketAddr) -> Result<TcpListener, LbError> {
+    let err = |source| LbError::Listen { addr, source };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    // The LB address lives on the lab bridge; after a host reboot the balancer may start
+    // before the address is back. Free bind lets it listen anyway.
+    set_freebind(&socket, addr);
+    socket.bind(addr).map_err(err)?;
+    socket.listen(4096).map_err(err)
+}
+
+fn set_freebind(socket: &TcpSocket, addr: SocketAddr) {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    let (level, opt) = if addr.is_ipv4() {
+        (libc::IPPROTO_IP, libc::IP_FREEBIND)
+    } else {
+        (libc::IPPROTO_IPV6, libc::IPV6_FREEBIND)
+    };
+    // SAFETY: valid fd owned by `socket`, pointer and length describe a c_int.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            opt,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot set freebind");
+    }
+}
+
+impl LbServer {
+    /// Loads the config, binds the listener and the control socket, starts health checks.
+    pub async fn bind(config_path: &Path) -> Result<LbServer, LbError> {
+        let config = LbConfig::load(config_path)?;
+        let prober = Prober::new(&config.health.kind)?;
+        let listener = bind_listener(config.listen)?;
+        let listen = listener.local_addr().map_err(|source| LbError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let control = control::bind_control(&config.control_socket)?;
+        let shared = Arc::new(Shared {
+            config_path: config_path.to_path_buf(),
+            listen,
+            started: Instant::now(),
+            settings: RwLock::new(Arc::new(Settings::from_config(&config))),
+            backends: RwLock::new(Arc::new(Vec::new())),
+            health_tasks: Mutex::new(Vec::new()),
+            listener: ListenerCounters::default(),
+            turn: AtomicU64::new(0),
+            reloads: AtomicU64::new(0),
+        });
+        shared.apply(&config, prober);
+        tracing::info!(listen = %listen, backends = config.backends.len(),
+            policy = ?config.policy, "load balancer listening");
+        Ok(LbServer {
+            shared,
+            listener,
+            control: Some(control),
+            control_path: config.control_socket.clone(),
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.listen
+    }
+
+    pub fn handle(&self) -> LbHandle {
+        LbHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Accepts until `shutdown` completes. Connections in flight at shutdown keep running
+    /// on the runtime until they end (a process exit ends them).
+    pub async fn serve(mut self, shutdown: impl Future<Output = ()>) -> Result<(), LbError> {
+        let handle = self.handle();
+        let control_task = self.control.take().map(|l| {
+            let h = handle.clone();
+            tokio::spawn(control::serve_control(l, move || h.status()))
+        });
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((client, _peer)) => self.admit(client),
+                    Err(e) => {
+                        // Out of descriptors or similar: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        tracing::info!("load balancer stopping");
+        if let Some(t) = control_task {
+            t.abort();
+        }
+        self.shared.stop_health();
+        let _ = std::fs::remove_file(&self.control_path);
+        Ok(())
+    }
+
+    fn admit(&self, client: TcpStream) {
+        let shared = &self.shared;
+        let settings = shared.settings();
+        let l = &shared.listener;
+        if l.active.load(Relaxed) >= settings.max_connections {
+            l.rejected_max_conn.fetch_add(1, Relaxed);
+            drop(client);
+            return;
+        }
+        l.active.fetch_add(1, Relaxed);
+        l.total.fetch_add(1, Relaxed);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _guard = Decrement(&shared.listener.active);
+            serve_client(&shared, &settings, client).await;
+        });
+    }
+}
+
+/// Decrements a gauge when dropped, so every exit path counts.
+struct Decrement<'a>(&'a AtomicU64);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Connects to the first backend that answers, in selection order.
+async fn connect_backend(
+    shared: &Shared,
+    settings: &Settings,
+) -> Option<(Arc<BackendRt>, TcpStream)> {
+    let backends = shared.backends();
+    let candidates: Vec<Candidate> = backends
+        .iter()
+        .map(|b| Candidate {
+            healthy: b.counters.healthy.load(Relaxed),
+            active: b.counters.active.load(Relaxed),
+        })
+        .collect();
+    let turn = shared.turn.fetch_add(1, Relaxed);
+    for i in try_order(settings.policy, &candidates, turn) {
+        let b = &backends[i];
+        match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(b.addr)).await {
+            Ok(Ok(s)) => return Some((b.clone(), s)),
+            Ok(Err(e)) => {
+                b.counters.connect_failures.fetch_add(1, Relaxed);
+                tracing::debug!(backend = %b.name, error = %e, "connect failed, trying the next backend");
+            }
+            Err(_) => {
+                b.counters.connect_failures.fetch_add(1, Relaxed);
+                tracing::debug!(backend = %b.name, "connect timed out, trying the next backend");
+            }
+        }
+    }
+    None
+}
+
+async fn serve_client(shared: &Shared, settings: &Settings, client: TcpStream) {
+    let Some((backend, server)) = connect_backend(shared, settings).await else {
+        shared.listener.no_backend.fetch_add(1, Relaxed);
+        tracing::debug!("no backend accepted the connection");
+        return;
+    };
+    let c = &backend.counters;
+    c.active.fetch_add(1, Relaxed);
+    c.total.fetch_add(1, Relaxed);
+    let _guard = Decrement(&c.active);
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    if let Ended::Idle = forward(client, server, settings, c).await {
+        shared.listener.idle_timeouts.fetch_add(1, Relaxed);
+    }
+}
+
+enum Ended {
+    Done,
+    Error,
+    Idle,
+}
+
+/// Activity clock of one connection, shared by its two directions (same task).
+struct Activity {
+    start: Instant,
+    /// Milliseconds since `start` of the last byte moved in either direction.
+    last_ms: AtomicU64,
+    client_spoke: AtomicBool,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    /// When the connection must be closed if nothing happens before.
+    fn deadline(&self, s: &Settings) -> Instant {
+        let idle = self.start + Duration::from_millis(self.last_ms.load(Relaxed)) + s.idle_timeout;
+        if self.client_spoke.load(Relaxed) {
+            idle
+        } else {
+            idle.min(self.start + s.first_byte_timeout)
+        }
+    }
+}
+
+/// Copies both directions until both have ended, one fails, or the connection idles out.
+/// End of stream on one side is passed on as a write shutdown to the other side, and the
+/// other direction keeps flowing (half-close).
+async fn forward(
+    client: TcpStream,
+    server: TcpStream,
+    settings: &Settings,
+    counters: &BackendCounters,
+) -> Ended {
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = server.into_split();
+    let activity = Activity {
+        start: Instant::now(),
+        last_ms: AtomicU64::new(0),
+        client_spoke: AtomicBool::new(false),
+    };
+    let up = pump(
+        cr,
+        sw,
+        &activity,
+        &counters.bytes_in,
+        Some(&activity.client_spoke),
+    );
+    let down = pump(sr, cw, &activity, &counters.bytes_out, None);
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    let timer = tokio::time::sleep_until(activity.deadline(settings).into());
+    tokio::pin!(timer);
+    loop {
+        tokio::select! {
+            r = &mut up, if !up_done => match r {
+                Ok(()) => up_done = true,
+                Err(_) => return Ended::Error,
+            },
+            r = &mut down, if !down_done => match r {
+                Ok(()) => down_done = true,
+                Err(_) => return Ended::Error,
+            },
+            () = &mut timer => {
+                let deadline = activity.deadline(settings);
+                if Instant::now() >= deadline {
+                    return Ended::Idle;
+                }
+                timer.as_mut().reset(deadline.into());
+            }
+        }
+        if up_done && down_done {
+            return Ended::Done;
+        }
+    }
+}
+
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    activity: &Activity,
+    bytes: &AtomicU64,
+    first: Option<&AtomicBool>,
+) -> std::io::Result<()> {
+    // No buffer while the connection is silent: idle connections cost no copy memory.
+    from.readable().await?;
+    let mut buf = vec![0u8; BUF_SIZE];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            to.shutdown().await?;
+            return Ok(());
+        }
+        if let Some(flag) = first {
+            flag.store(true, Relaxed);
+        }
+        activity.touch();
+        to.write_all(&buf[..n]).await?;
+        activity.touch();
+        bytes.fetch_add(n as u64, Relaxed);
+    }
+}
+
+/// Runs the balancer in the foreground until `shutdown` completes; SIGHUP reloads the
+/// config file (changed backends, policy, timeouts, health checks) without dropping
+/// established connections.
+pub async fn run(config_path: &Path, shutdown: impl Future<Output = ()>) -> Result<(), LbError> {
+    let server = LbServer::bind(config_path).await?;
+    let handle = server.handle();
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(LbError::SignalHandler)?;
+    let reloader = tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("sighup: reloading config");
+            if let Err(e) = handle.reload() {
+                let mut chain = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    chain.push_str(": ");
+                    chain.push_str(&s.to_string());
+                    src = s.source();
+                }
+                tracing::error!(error = %chain, "reload failed, keeping the running config");
+            }
+        }
+    });
+    let r = server.serve(shutdown).await;
+    reloader.abort();
+    r
+}
