@@ -839,6 +839,53 @@ async fn half_close_lets_the_answer_through() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_transfer_is_exact_both_ways() {
+    timeout(LIMIT, async {
+        let b0 = TestBackend::start("b0").await;
+        let lab = Lab::start(&[&b0], |_| {}).await;
+        let (c, _) = open(lab.addr).await;
+        const N: usize = 48 << 20;
+        let byte = |i: usize| (i.wrapping_mul(7) % 251) as u8;
+        let (mut r, mut w) = c.into_split();
+        let writer = tokio::spawn(async move {
+            let chunk: Vec<u8> = (0..N).map(byte).collect();
+            for part in chunk.chunks(1 << 20) {
+                w.write_all(part).await.unwrap();
+            }
+            w.shutdown().await.unwrap();
+        });
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut tail = Vec::new();
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            for &b in &buf[..n] {
+                if got < N {
+                    assert_eq!(b, byte(got), "byte {got} corrupted");
+                } else {
+                    tail.push(b);
+                }
+                got += 1;
+            }
+        }
+        writer.await.unwrap();
+        assert_eq!(got, N + 4);
+        assert_eq!(tail, b"bye\n");
+        lab.wait_for("closed", |s| s.active == 0).await;
+        let s = lab.handle.status();
+        assert!(s.spliced >= 1, "a 48 MiB transfer must go zero-copy: {s:?}");
+        assert_eq!(s.backends[0].bytes_in, 1 + N as u64);
+        assert_eq!(s.backends[0].bytes_out, 3 + N as u64 + 4);
+        lab.shutdown().await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_healthy_backend_closes_the_client() {
     timeout(LIMIT, async {
         let b0 = TestBackend::start("b0").await;

@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -17,8 +18,11 @@ use super::select::{try_order, Candidate, HealthState, Policy};
 use super::stats::{BackendCounters, LbStatus, ListenerCounters};
 use super::{control, Backend, HealthConfig, LbConfig, LbError};
 
-/// Size of each direction's copy buffer, allocated when the first byte arrives.
-const BUF_SIZE: usize = 64 * 1024;
+/// Each direction's copy buffer starts at this size when its first byte arrives (most
+/// API requests and answers fit) ...
+const BUF_START: usize = 16 * 1024;
+/// ... and grows once to this size when a read fills it (bulk transfers, fewer syscalls).
+const BUF_BULK: usize = 128 * 1024;
 
 /// One backend as the running balancer sees it. Connections hold an `Arc` to it, so a
 /// backend removed by a reload keeps serving the connections it already has.
@@ -156,6 +160,7 @@ impl Shared {
             rejected_max_conn: l.rejected_max_conn.load(Relaxed),
             no_backend: l.no_backend.load(Relaxed),
             idle_timeouts: l.idle_timeouts.load(Relaxed),
+            spliced: l.spliced.load(Relaxed),
             reloads: self.reloads.load(Relaxed),
             backends: self
                 .backends()
@@ -220,7 +225,6 @@ fn bind_listener(addr: SocketAddr) -> Result<TcpListener, LbError> {
 }
 
 fn set_freebind(socket: &TcpSocket, addr: SocketAddr) {
-    use std::os::fd::AsRawFd;
     let one: libc::c_int = 1;
     let (level, opt) = if addr.is_ipv4() {
         (libc::IPPROTO_IP, libc::IP_FREEBIND)
@@ -389,7 +393,7 @@ async fn serve_client(shared: &Shared, settings: &Settings, client: TcpStream) {
     let _guard = Decrement(&c.active);
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    if let Ended::Idle = forward(client, server, settings, c).await {
+    if let Ended::Idle = forward(client, server, settings, c, &shared.listener.spliced).await {
         shared.listener.idle_timeouts.fetch_add(1, Relaxed);
     }
 }
@@ -433,9 +437,10 @@ async fn forward(
     server: TcpStream,
     settings: &Settings,
     counters: &BackendCounters,
+    spliced: &AtomicU64,
 ) -> Ended {
-    let (cr, cw) = client.into_split();
-    let (sr, sw) = server.into_split();
+    let (cr, cw) = (&client, &client);
+    let (sr, sw) = (&server, &server);
     let activity = Activity {
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
@@ -447,8 +452,9 @@ async fn forward(
         &activity,
         &counters.bytes_in,
         Some(&activity.client_spoke),
+        spliced,
     );
-    let down = pump(sr, cw, &activity, &counters.bytes_out, None);
+    let down = pump(sr, cw, &activity, &counters.bytes_out, None, spliced);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     let timer = tokio::time::sleep_until(activity.deadline(settings).into());
@@ -477,27 +483,159 @@ async fn forward(
     }
 }
 
+/// Reads what is there (at least one byte, or 0 at end of stream) into spare capacity.
+async fn read_some(s: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    loop {
+        s.readable().await?;
+        match s.try_read_buf(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+async fn write_all(s: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        s.writable().await?;
+        match s.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Passes end of stream on: the peer reads EOF and can still send (half-close).
+fn shutdown_write(s: &TcpStream) -> std::io::Result<()> {
+    // SAFETY: valid socket fd borrowed from `s`.
+    if unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_WR) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    // The peer may be gone already; the other direction will report it.
+    if e.raw_os_error() == Some(libc::ENOTCONN) {
+        return Ok(());
+    }
+    Err(e)
+}
+
+/// Copies one direction. Starts with a small user-space buffer (allocated at the first
+/// byte, never zeroed); a direction that keeps filling the large buffer is a bulk
+/// transfer and switches to splice(2) through a pipe, so its bytes stay in the kernel.
 async fn pump(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
+    from: &TcpStream,
+    to: &TcpStream,
     activity: &Activity,
     bytes: &AtomicU64,
     first: Option<&AtomicBool>,
+    spliced: &AtomicU64,
 ) -> std::io::Result<()> {
-    // No buffer while the connection is silent: idle connections cost no copy memory.
     from.readable().await?;
-    let mut buf = vec![0u8; BUF_SIZE];
+    let mut buf: Vec<u8> = Vec::with_capacity(BUF_START);
     loop {
-        let n = from.read(&mut buf).await?;
+        buf.clear();
+        let n = read_some(from, &mut buf).await?;
         if n == 0 {
-            to.shutdown().await?;
-            return Ok(());
+            return shutdown_write(to);
         }
         if let Some(flag) = first {
             flag.store(true, Relaxed);
         }
         activity.touch();
-        to.write_all(&buf[..n]).await?;
+        write_all(to, &buf[..n]).await?;
+        activity.touch();
+        bytes.fetch_add(n as u64, Relaxed);
+        if n == buf.capacity() {
+            if n < BUF_BULK {
+                buf = Vec::with_capacity(BUF_BULK);
+            } else if let Some(pipe) = Pipe::new() {
+                drop(buf);
+                spliced.fetch_add(1, Relaxed);
+                return splice_loop(from, to, &pipe, activity, bytes).await;
+            }
+        }
+    }
+}
+
+/// A non-blocking pipe used as the in-kernel buffer of splice(2).
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+impl Pipe {
+    /// `None` when no pipe can be made (out of descriptors): the caller keeps copying.
+    fn new() -> Option<Pipe> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: fds is a valid two-element array for pipe2 to fill.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return None;
+        }
+        // SAFETY: pipe2 succeeded, both descriptors are new and owned here.
+        let pipe = unsafe {
+            Pipe {
+                r: OwnedFd::from_raw_fd(fds[0]),
+                w: OwnedFd::from_raw_fd(fds[1]),
+            }
+        };
+        // Best effort: a bigger pipe means fewer splices per megabyte.
+        // SAFETY: fcntl on our own descriptor.
+        unsafe {
+            libc::fcntl(
+                pipe.w.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                BUF_BULK as libc::c_int,
+            )
+        };
+        Some(pipe)
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> std::io::Result<usize> {
+    // SAFETY: plain syscall on descriptors owned by the caller; null offsets (streams).
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Socket to pipe, pipe to socket, until end of stream. The pipe is drained before the
+/// next read, so a full pipe never blocks the read side.
+async fn splice_loop(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe: &Pipe,
+    activity: &Activity,
+    bytes: &AtomicU64,
+) -> std::io::Result<()> {
+    let (from_fd, to_fd) = (from.as_raw_fd(), to.as_raw_fd());
+    let (pr, pw) = (pipe.r.as_raw_fd(), pipe.w.as_raw_fd());
+    loop {
+        let n = from
+            .async_io(Interest::READABLE, || splice(from_fd, pw, BUF_BULK))
+            .await?;
+        if n == 0 {
+            return shutdown_write(to);
+        }
+        activity.touch();
+        let mut left = n;
+        while left > 0 {
+            left -= to
+                .async_io(Interest::WRITABLE, || splice(pr, to_fd, left))
+                .await?;
+        }
         activity.touch();
         bytes.fetch_add(n as u64, Relaxed);
     }

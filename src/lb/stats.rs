@@ -34,6 +34,8 @@ pub(crate) struct ListenerCounters {
     /// Clients closed because no backend accepted the connection.
     pub no_backend: AtomicU64,
     pub idle_timeouts: AtomicU64,
+    /// Connection directions that turned out to be bulk and moved to splice(2).
+    pub spliced: AtomicU64,
 }
 
 impl BackendCounters {
@@ -85,6 +87,9 @@ pub struct LbStatus {
     pub rejected_max_conn: u64,
     pub no_backend: u64,
     pub idle_timeouts: u64,
+    /// Connection directions that turned out to be bulk and moved to zero-copy splice.
+    #[serde(default)]
+    pub spliced: u64,
     pub reloads: u64,
     pub backends: Vec<BackendStatus>,
 }
@@ -194,6 +199,7 @@ mod tests {
             rejected_max_conn: 0,
             no_backend: 0,
             idle_timeouts: 0,
+            spliced: 0,
             reloads: 1,
             backends: vec![
                 BackendStatus {
@@ -244,6 +250,7 @@ mod tests {
             rejected_max_conn: 0,
             no_backend: 0,
             idle_timeouts: 0,
+            spliced: 0,
             reloads: 0,
             backends: vec![],
         };
