@@ -189,6 +189,7 @@ fn start_kthw(dir: &Path, backends: &[SocketAddr]) -> Proxy {
         first_byte_timeout_ms: 10_000,
         max_connections: 8_000,
         control_socket: dir.join("kthw-lb.sock"),
+        threads: 2,
     };
     let path = dir.join("kthw-lb.json");
     config.save(&path).unwrap();

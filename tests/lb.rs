@@ -206,6 +206,7 @@ fn config_for(backends: &[&TestBackend], dir: &Path) -> LbConfig {
         first_byte_timeout_ms: 5_000,
         max_connections: 1000,
         control_socket: dir.join("lb.sock"),
+        threads: 2,
     }
 }
 

@@ -56,27 +56,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            print_chain(&e);
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(lb::LbError::SignalHandler)?;
-        let shutdown = async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        };
-        lb::run(&config, shutdown).await
-    });
+    let result = lb::run_blocking(&config);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

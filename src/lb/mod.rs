@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use control::{is_running, reload, spawn_detached, status, stop};
-pub use proxy::{run, LbHandle, LbServer};
+pub use proxy::{run, run_blocking, LbHandle, LbServer};
 pub use select::Policy;
 pub use stats::{render_table, BackendStatus, LbStatus};
 
@@ -103,6 +103,8 @@ pub enum LbError {
     },
     #[error("load balancer {pid} did not exit after sigterm and sigkill")]
     StopTimeout { pid: u32 },
+    #[error("cannot start a load balancer thread")]
+    Thread(#[source] std::io::Error),
     #[error("cannot install signal handler")]
     SignalHandler(#[source] std::io::Error),
 }
@@ -183,6 +185,9 @@ pub struct LbConfig {
     pub max_connections: usize,
     /// Unix socket that answers status requests.
     pub control_socket: PathBuf,
+    /// Acceptor threads, each with its own listener and runtime; 0 = one per CPU.
+    /// Read at start only.
+    pub threads: usize,
 }
 
 impl Default for LbConfig {
@@ -199,6 +204,7 @@ impl Default for LbConfig {
             first_byte_timeout_ms: 10_000,
             max_connections: 10_000,
             control_socket: PathBuf::from("lb.sock"),
+            threads: 0,
         }
     }
 }
@@ -263,6 +269,9 @@ impl LbConfig {
                 "connect_timeout_ms, idle_timeout_ms and first_byte_timeout_ms must be positive"
                     .into(),
             ));
+        }
+        if self.threads > 256 {
+            return Err(bad(format!("threads {} is more than 256", self.threads)));
         }
         if self.max_connections == 0 {
             return Err(bad("max_connections must be at least 1".into()));

@@ -203,12 +203,14 @@ impl LbHandle {
 /// A bound balancer, not yet accepting.
 pub struct LbServer {
     shared: Arc<Shared>,
-    listener: TcpListener,
+    /// The first listener; the other acceptor threads bind their own (SO_REUSEPORT).
+    listener: std::net::TcpListener,
+    threads: usize,
     control: Option<tokio::net::UnixListener>,
     control_path: PathBuf,
 }
 
-fn bind_listener(addr: SocketAddr) -> Result<TcpListener, LbError> {
+fn bind_listener(addr: SocketAddr, reuseport: bool) -> Result<TcpListener, LbError> {
     let err = |source| LbError::Listen { addr, source };
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
@@ -217,6 +219,8 @@ fn bind_listener(addr: SocketAddr) -> Result<TcpListener, LbError> {
     }
     .map_err(err)?;
     socket.set_reuseaddr(true).map_err(err)?;
+    // One listener per acceptor thread; the kernel spreads new connections over them.
+    socket.set_reuseport(reuseport).map_err(err)?;
     // The LB address lives on the lab bridge; after a host reboot the balancer may start
     // before the address is back. Free bind lets it listen anyway.
     set_freebind(&socket, addr);
@@ -247,15 +251,22 @@ fn set_freebind(socket: &TcpSocket, addr: SocketAddr) {
 }
 
 impl LbServer {
-    /// Loads the config, binds the listener and the control socket, starts health checks.
+    /// Loads the config, binds the listener and the control socket, starts health checks
+    /// (on the caller's runtime).
     pub async fn bind(config_path: &Path) -> Result<LbServer, LbError> {
         let config = LbConfig::load(config_path)?;
         let prober = Prober::new(&config.health.kind)?;
-        let listener = bind_listener(config.listen)?;
-        let listen = listener.local_addr().map_err(|source| LbError::Listen {
+        let threads = match config.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let listen_err = |source| LbError::Listen {
             addr: config.listen,
             source,
-        })?;
+        };
+        let listener = bind_listener(config.listen, threads > 1)?;
+        let listen = listener.local_addr().map_err(listen_err)?;
+        let listener = listener.into_std().map_err(listen_err)?;
         let control = control::bind_control(&config.control_socket)?;
         let shared = Arc::new(Shared {
             config_path: config_path.to_path_buf(),
@@ -270,10 +281,11 @@ impl LbServer {
         });
         shared.apply(&config, prober);
         tracing::info!(listen = %listen, backends = config.backends.len(),
-            policy = ?config.policy, "load balancer listening");
+            policy = ?config.policy, threads, "load balancer listening");
         Ok(LbServer {
             shared,
             listener,
+            threads,
             control: Some(control),
             control_path: config.control_socket.clone(),
         })
@@ -290,21 +302,107 @@ impl LbServer {
         }
     }
 
-    /// Accepts until `shutdown` completes. Connections in flight at shutdown keep running
-    /// on the runtime until they end (a process exit ends them).
+    /// Accepts until `shutdown` completes, then closes the listeners and the connections
+    /// in flight. Connections are served by `threads` acceptor threads, each with its own
+    /// single-threaded runtime and listener (thread per core, no cross-thread wake-ups);
+    /// health checks, the control socket and reloads run on the caller's runtime.
     pub async fn serve(mut self, shutdown: impl Future<Output = ()>) -> Result<(), LbError> {
         let handle = self.handle();
         let control_task = self.control.take().map(|l| {
             let h = handle.clone();
             tokio::spawn(control::serve_control(l, move || h.status()))
         });
-        tokio::pin!(shutdown);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut first = Some(self.listener);
+        let mut joins = Vec::new();
+        let mut result = Ok(());
+        for i in 0..self.threads {
+            let listener = first.take();
+            let shared = self.shared.clone();
+            let (stop, ready) = (stop_rx.clone(), ready_tx.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("kthw-lb-{i}"))
+                .spawn(move || acceptor_thread(shared, listener, stop, ready));
+            match spawned {
+                Ok(j) => joins.push(j),
+                Err(e) => {
+                    result = Err(LbError::Thread(e));
+                    break;
+                }
+            }
+        }
+        drop(ready_tx);
+        if result.is_ok() {
+            for _ in 0..joins.len() {
+                match ready_rx.recv().await {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => {
+                        result = Err(e);
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+        if result.is_ok() {
+            shutdown.await;
+            tracing::info!("load balancer stopping");
+        }
+        let _ = stop_tx.send(true);
+        let _ = tokio::task::spawn_blocking(move || {
+            for j in joins {
+                let _ = j.join();
+            }
+        })
+        .await;
+        if let Some(t) = control_task {
+            t.abort();
+        }
+        self.shared.stop_health();
+        let _ = std::fs::remove_file(&self.control_path);
+        result
+    }
+}
+
+/// One acceptor: its own current-thread runtime, listener, and the connections it
+/// accepted. Reports binding success or failure on `ready` before accepting.
+fn acceptor_thread(
+    shared: Arc<Shared>,
+    listener: Option<std::net::TcpListener>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    ready: tokio::sync::mpsc::UnboundedSender<Result<(), LbError>>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(LbError::Thread(e)));
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let addr = shared.listen;
+        let bound = match listener {
+            Some(l) => TcpListener::from_std(l).map_err(|source| LbError::Listen { addr, source }),
+            None => bind_listener(addr, true),
+        };
+        let listener = match bound {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let _ = ready.send(Ok(()));
         loop {
             tokio::select! {
                 biased;
-                () = &mut shutdown => break,
-                accepted = self.listener.accept() => match accepted {
-                    Ok((client, _peer)) => self.admit(client),
+                _ = stop.wait_for(|s| *s) => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((client, _peer)) => admit(&shared, client),
                     Err(e) => {
                         // Out of descriptors or similar: back off instead of spinning.
                         tracing::warn!(error = %e, "accept failed");
@@ -313,32 +411,28 @@ impl LbServer {
                 },
             }
         }
-        tracing::info!("load balancer stopping");
-        if let Some(t) = control_task {
-            t.abort();
-        }
-        self.shared.stop_health();
-        let _ = std::fs::remove_file(&self.control_path);
-        Ok(())
-    }
+    });
+    // Dropping the runtime closes this thread's connections.
+}
 
-    fn admit(&self, client: TcpStream) {
-        let shared = &self.shared;
-        let settings = shared.settings();
-        let l = &shared.listener;
-        if l.active.load(Relaxed) >= settings.max_connections {
-            l.rejected_max_conn.fetch_add(1, Relaxed);
-            drop(client);
-            return;
-        }
-        l.active.fetch_add(1, Relaxed);
-        l.total.fetch_add(1, Relaxed);
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let _guard = Decrement(&shared.listener.active);
-            serve_client(&shared, &settings, client).await;
-        });
+fn admit(shared: &Arc<Shared>, client: TcpStream) {
+    let settings = shared.settings();
+    let l = &shared.listener;
+    let max = settings.max_connections;
+    if l.active
+        .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+        .is_err()
+    {
+        l.rejected_max_conn.fetch_add(1, Relaxed);
+        drop(client);
+        return;
     }
+    l.total.fetch_add(1, Relaxed);
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let _guard = Decrement(&shared.listener.active);
+        serve_client(&shared, &settings, client).await;
+    });
 }
 
 /// Decrements a gauge when dropped, so every exit path counts.
@@ -667,4 +761,25 @@ pub async fn run(config_path: &Path, shutdown: impl Future<Output = ()>) -> Resu
     let r = server.serve(shutdown).await;
     reloader.abort();
     r
+}
+
+/// Runs the balancer until SIGTERM or SIGINT on a runtime of its own (the foreground
+/// of `kthw-lab lb run`): a current-thread runtime for health checks, control and
+/// signals, plus the acceptor threads.
+pub fn run_blocking(config_path: &Path) -> Result<(), LbError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(LbError::Thread)?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(LbError::SignalHandler)?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        run(config_path, shutdown).await
+    })
 }
