@@ -1061,3 +1061,24 @@ fn spawn_detached_reports_an_immediate_exit() {
     assert!(msg.contains("cannot read lb config"), "{msg}");
     assert!(!dir.path().join("p.pid").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_balancer_on_the_same_lab_is_refused() {
+    timeout(LIMIT, async {
+        let b0 = TestBackend::start("b0").await;
+        let lab = Lab::start(&[&b0], |_| {}).await;
+        let mut cfg = lab.config.clone();
+        cfg.listen = lab.addr;
+        let path = lab.config_path.with_file_name("second.json");
+        cfg.save(&path).unwrap();
+        let e = LbServer::bind(&path)
+            .await
+            .err()
+            .expect("second bind must fail");
+        assert!(matches!(e, lb::LbError::ControlSocket { .. }), "{e}");
+        assert_eq!(ask(lab.addr).await, "b0");
+        lab.shutdown().await;
+    })
+    .await
+    .unwrap();
+}

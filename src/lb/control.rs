@@ -356,6 +356,21 @@ mod tests {
         child.wait().unwrap();
     }
 
+    #[tokio::test]
+    async fn control_socket_replaces_a_stale_file_but_not_a_live_balancer() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("lb.sock");
+        drop(std::os::unix::net::UnixListener::bind(&p).unwrap());
+        assert!(p.exists(), "a killed balancer leaves its socket file");
+        let live = bind_control(&p).unwrap();
+        let e = bind_control(&p).unwrap_err();
+        assert!(
+            e.to_string().starts_with("cannot use control socket"),
+            "{e}"
+        );
+        drop(live);
+    }
+
     #[test]
     fn stop_without_pid_file_is_fine() {
         let d = tempfile::tempdir().unwrap();

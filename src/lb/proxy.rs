@@ -264,10 +264,12 @@ impl LbServer {
             addr: config.listen,
             source,
         };
+        // The control socket first: it refuses when a balancer already answers on it,
+        // before SO_REUSEPORT would let a second one share the port silently.
+        let control = control::bind_control(&config.control_socket)?;
         let listener = bind_listener(config.listen, threads > 1)?;
         let listen = listener.local_addr().map_err(listen_err)?;
         let listener = listener.into_std().map_err(listen_err)?;
-        let control = control::bind_control(&config.control_socket)?;
         let shared = Arc::new(Shared {
             config_path: config_path.to_path_buf(),
             listen,
