@@ -1,7 +1,8 @@
 //! `cargo bench --bench lb`: the built-in balancer side by side with HAProxy and nginx
-//! stream, same backends on loopback, configured equivalently (TCP mode, round robin over
-//! two backends, 3 s connect timeout, 1 h idle timeout, 2 threads/workers, 8000 connections max, TCP health
-//! checks every 2 s where the proxy has them).
+//! stream, same backends on loopback, configured equivalently: TCP mode, round robin over
+//! two backends, 3 s connect timeout, 1 h idle timeout, half-close passed on (nginx's
+//! `proxy_half_close on`; HAProxy and kthw-lab do it by default), 2 threads or workers,
+//! 8000 connections at most, TCP health checks every 2 s (nginx open source has none).
 //!
 //! Rows: long-transfer throughput, short-connection rate, latency added by the proxy
 //! (request on an open connection, and a whole new connection), peak RSS. Every load is
@@ -120,8 +121,18 @@ impl Proxy {
         kb as f64 / 1024.0
     }
 
-    fn stop(mut self) {
-        // SAFETY: plain kill(2) on our own child.
+    fn stop(self) {
+        drop(self);
+    }
+}
+
+/// Stopped however the benchmark ends, so no proxy outlives it.
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: plain kill(2) on our own, not yet reaped, child.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         let until = Instant::now() + Duration::from_secs(5);
         while Instant::now() < until {
@@ -231,7 +242,7 @@ fn start_nginx(dir: &Path, backends: &[SocketAddr]) -> Proxy {
          pid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
          events {{ worker_connections 8000; }}\n\
          stream {{\n    upstream be {{\n{servers}    }}\n    server {{\n        listen {addr};\n        \
-         proxy_pass be;\n        proxy_connect_timeout 3s;\n        proxy_timeout 1h;\n    }}\n}}\n"
+         proxy_pass be;\n        proxy_connect_timeout 3s;\n        proxy_timeout 1h;\n        proxy_half_close on;\n    }}\n}}\n"
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, cfg).unwrap();
@@ -453,15 +464,16 @@ fn main() {
             rates[i].push(rt.block_on(conn_rate(t, 32, secs)));
         }
     }
+    let mut spread = Vec::new();
     for i in 0..targets.len() {
-        figures[i].mb_per_s = median(&mut mbs[i]);
-        figures[i].conn_per_s = median(&mut rates[i]);
-        eprintln!(
-            "{}: throughput {:?} MB/s, rate {:?} conn/s",
+        spread.push(format!(
+            "  {:<10} throughput {:?} MB/s, rate {:?} conn/s",
             name(i),
             mbs[i].iter().map(|v| v.round()).collect::<Vec<_>>(),
             rates[i].iter().map(|v| v.round()).collect::<Vec<_>>()
-        );
+        ));
+        figures[i].mb_per_s = median(&mut mbs[i]);
+        figures[i].conn_per_s = median(&mut rates[i]);
     }
     eprintln!("latency, all targets in turn ...");
     for (i, (p50, p99)) in rt
@@ -548,5 +560,9 @@ fn main() {
     }
     println!();
     println!("(ratios: higher is better for throughput and rate, lower for latency and RSS)");
+    println!("rounds, in order (medians above):");
+    for line in spread {
+        println!("{line}");
+    }
     drop(rt);
 }
