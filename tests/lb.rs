@@ -1082,3 +1082,31 @@ async fn a_second_balancer_on_the_same_lab_is_refused() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_and_fin_arriving_together_are_both_passed_on() {
+    timeout(LIMIT, async {
+        let b0 = TestBackend::start("b0").await;
+        let lab = Lab::start(&[&b0], |_| {}).await;
+        for i in 0..100 {
+            let mut c = TcpStream::connect(lab.addr).await.unwrap();
+            let msg = format!("xhello {i}");
+            c.write_all(msg.as_bytes()).await.unwrap();
+            c.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            timeout(Duration::from_secs(3), c.read_to_end(&mut got))
+                .await
+                .expect("the end of stream must get through")
+                .unwrap();
+            assert_eq!(
+                String::from_utf8(got).unwrap(),
+                format!("b0\n{}bye\n", &msg[1..])
+            );
+        }
+        lab.wait_for("all closed", |s| s.active == 0).await;
+        assert_eq!(lab.handle.status().idle_timeouts, 0);
+        lab.shutdown().await;
+    })
+    .await
+    .unwrap();
+}
