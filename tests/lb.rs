@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -1022,6 +1023,12 @@ fn detached_process_status_reload_and_stop() {
     cfg.save(&cfg_path).unwrap();
     lb::reload(&pid_file).unwrap();
     let s = wait(&|s| s.reloads == 1);
+    // A re-run of create: the running balancer is reloaded, not started twice.
+    assert_eq!(
+        lb::ensure_running(exe, &args, &pid_file, &log).unwrap(),
+        lb::Ensured::Reloaded(pid)
+    );
+    wait(&|s| s.reloads == 2);
     assert_eq!(s.backends.len(), 2);
     let names: Vec<String> = (0..4).map(|_| rt.block_on(ask(cfg.listen))).collect();
     assert_eq!(tally(&names)["b1"], 2, "{names:?}");
@@ -1040,6 +1047,25 @@ fn detached_process_status_reload_and_stop() {
     assert!(text.contains("load balancer listening"), "{text}");
     assert!(text.contains("config reloaded"), "{text}");
     lb::stop(&pid_file).unwrap();
+
+    // After a reboot: a stale pid file naming some other process, a stale socket file.
+    let mut other = Command::new("sleep").arg("30").spawn().unwrap();
+    std::fs::write(&pid_file, format!("{}\n", other.id())).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&cfg.control_socket).unwrap());
+    let started = lb::ensure_running(exe, &args, &pid_file, &log).unwrap();
+    let lb::Ensured::Started(pid2) = started else {
+        panic!("expected a fresh start, got {started:?}");
+    };
+    assert_ne!(pid2, other.id());
+    wait(&|s| s.pid == pid2);
+    assert_eq!(rt.block_on(ask(cfg.listen)).len(), 2);
+    lb::stop(&pid_file).unwrap();
+    assert!(
+        other.try_wait().unwrap().is_none(),
+        "the other process was left alone"
+    );
+    other.kill().unwrap();
+    other.wait().unwrap();
 }
 
 #[test]

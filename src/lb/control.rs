@@ -283,6 +283,32 @@ fn wait_gone(pid: u32, within: Duration) -> bool {
     !alive(pid)
 }
 
+/// What [`ensure_running`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ensured {
+    /// No balancer ran: one was started with this pid.
+    Started(u32),
+    /// One already ran: it was told to re-read its config (SIGHUP).
+    Reloaded(u32),
+}
+
+/// The idempotent step for `create`, a re-run of it, and `start` after a reboot: when
+/// the balancer of `pid_file` runs, reload it (changed backends are picked up without
+/// dropping connections); otherwise start `exe args` detached (a stale pid file, e.g.
+/// from before a reboot, is replaced).
+pub fn ensure_running(
+    exe: &Path,
+    args: &[OsString],
+    pid_file: &Path,
+    log_file: &Path,
+) -> Result<Ensured, LbError> {
+    if let Some(pid) = running_pid(pid_file)? {
+        signal(pid, libc::SIGHUP)?;
+        return Ok(Ensured::Reloaded(pid));
+    }
+    spawn_detached(exe, args, pid_file, log_file).map(Ensured::Started)
+}
+
 /// Sends SIGHUP to the balancer in `pid_file` so it re-reads its config.
 pub fn reload(pid_file: &Path) -> Result<(), LbError> {
     let path: PathBuf = pid_file.to_path_buf();

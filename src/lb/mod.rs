@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use control::{is_running, reload, spawn_detached, status, stop};
+pub use control::{ensure_running, is_running, reload, spawn_detached, status, stop, Ensured};
 pub use proxy::{run, run_blocking, LbHandle, LbServer};
 pub use select::Policy;
 pub use stats::{render_table, BackendStatus, LbStatus};
