@@ -935,6 +935,23 @@ async fn status_over_the_control_socket() {
 }
 
 #[test]
+fn the_documented_config_example_parses() {
+    let doc = include_str!("../src/lb/mod.rs");
+    let start = doc.find("//! ```json").unwrap();
+    let end = start + doc[start..].find("//! ```\n").unwrap();
+    let json: String = doc[start..end]
+        .lines()
+        .skip(1)
+        .map(|l| l.trim_start_matches("//!"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let c: LbConfig = serde_json::from_str(&json).unwrap();
+    assert_eq!(c.backends.len(), 2);
+    assert!(matches!(c.health.kind, HealthKind::Https { .. }));
+    c.validate(Path::new("doc")).unwrap();
+}
+
+#[test]
 fn config_defaults_and_validation() {
     let c: LbConfig = serde_json::from_str(
         r#"{"listen":"10.240.0.2:6443","backends":[{"name":"controller-0","addr":"10.240.0.10:6443"}],

@@ -10,9 +10,37 @@
 //! Layout:
 //! - [`select`]: pure backend selection and the health state machine,
 //! - `health`: the probers and the per-backend check loop,
-//! - `proxy`: the accept loop and the bidirectional forwarder (idle timeout, half-close),
+//! - `proxy`: thread-per-core acceptors (SO_REUSEPORT, one current-thread runtime each)
+//!   and the forwarder (idle and first-byte timeouts, half-close, splice for bulk),
 //! - [`stats`]: counters and the status report,
 //! - `control`: the status socket, pid file, detach/stop/reload.
+//!
+//! # Wiring into the CLI
+//! - `kthw-lab lb run --config FILE` calls [`run_blocking`] (own runtime; SIGTERM/SIGINT
+//!   stop, SIGHUP reloads). Inside an existing runtime use [`run`].
+//! - `create` (the `lb` phase) writes an [`LbConfig`] from the plan with
+//!   [`LbConfig::save`] into the lab's state dir, then calls
+//!   [`ensure_running`]`(exe, ["lb", "run", "--config", FILE], pid, log)`: it starts the
+//!   balancer detached, or reloads the running one on a re-run. `start LAB` after a
+//!   reboot calls the same. `destroy` calls [`stop`] (fine when already gone).
+//! - `kthw-lab lb status LAB [--output json]`: [`status`]`(control_socket)`, then
+//!   [`render_table`] or `serde_json` of the [`LbStatus`].
+//!
+//! # Config file (JSON; every field but `listen` and `backends` has a default)
+//! ```json
+//! {
+//!   "listen": "10.240.0.2:6443",
+//!   "backends": [{"name": "controller-0", "addr": "10.240.0.10:6443"},
+//!                {"name": "controller-1", "addr": "10.240.0.11:6443"}],
+//!   "policy": "round_robin",
+//!   "health": {"kind": {"https": {"ca_pem_path": "/var/lib/kthw-lab/lab1/pki/ca.pem",
+//!                                 "path": "/readyz"}},
+//!              "interval_ms": 2000, "timeout_ms": 1000, "rise": 2, "fall": 3},
+//!   "connect_timeout_ms": 3000, "idle_timeout_ms": 3600000,
+//!   "first_byte_timeout_ms": 10000, "max_connections": 10000,
+//!   "control_socket": "/var/lib/kthw-lab/lab1/lb.sock", "threads": 0
+//! }
+//! ```
 
 mod control;
 mod health;
