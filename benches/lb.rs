@@ -6,8 +6,8 @@
 //!
 //! Rows: long-transfer throughput, short-connection rate, latency added by the proxy
 //! (request on an open connection, and a whole new connection), peak RSS. Every load is
-//! bounded by count and time. Environment: `LB_BENCH_SECS` (seconds per load, default 1.5),
-//! `LB_BENCH_ROUNDS` (rounds of throughput and rate loads, median reported, default 3),
+//! bounded by count and time. Environment: `LB_BENCH_SECS` (seconds per load, default 1),
+//! `LB_BENCH_ROUNDS` (rounds of throughput and rate loads, median reported, default 5),
 //! `LB_BENCH_ONLY` (comma list of kthw,haproxy,nginx).
 
 use std::net::SocketAddr;
@@ -200,7 +200,10 @@ fn start_kthw(dir: &Path, backends: &[SocketAddr]) -> Proxy {
         first_byte_timeout_ms: 10_000,
         max_connections: 8_000,
         control_socket: dir.join("kthw-lb.sock"),
-        threads: 2,
+        threads: std::env::var("LB_BENCH_KTHW_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2),
     };
     let path = dir.join("kthw-lb.json");
     config.save(&path).unwrap();
@@ -400,11 +403,11 @@ fn main() {
     let secs: f64 = std::env::var("LB_BENCH_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1.5);
+        .unwrap_or(1.0);
     let rounds: usize = std::env::var("LB_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(5);
     let only = std::env::var("LB_BENCH_ONLY").unwrap_or_else(|_| "kthw,haproxy,nginx".into());
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()

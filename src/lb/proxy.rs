@@ -462,7 +462,7 @@ async fn connect_backend(
     let turn = shared.turn.fetch_add(1, Relaxed);
     for i in try_order(settings.policy, &candidates, turn) {
         let b = &backends[i];
-        match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(b.addr)).await {
+        match connect_fast(b.addr, settings.connect_timeout).await {
             Ok(Ok(s)) => return Some((b.clone(), s)),
             Ok(Err(e)) => {
                 b.counters.connect_failures.fetch_add(1, Relaxed);
@@ -475,6 +475,61 @@ async fn connect_backend(
         }
     }
     None
+}
+
+/// Connects without a trip through the event loop when the handshake is already done
+/// by the time connect(2) returns (always on loopback, often on a bridge): a zero-timeout
+/// poll(2) tells. Otherwise waits for writability, bounded by `timeout`.
+/// Outer error: timed out; inner: refused or failed.
+async fn connect_fast(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<std::io::Result<TcpStream>, tokio::time::error::Elapsed> {
+    let attempt = || -> std::io::Result<(TcpStream, bool)> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM.nonblocking().cloexec(),
+            None,
+        )?;
+        let pending = match socket.connect(&addr.into()) {
+            Ok(()) => false,
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => true,
+            Err(e) => return Err(e),
+        };
+        let done = !pending || {
+            let mut pfd = libc::pollfd {
+                fd: socket.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, zero timeout.
+            let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+            rc == 1 && pfd.revents != 0
+        };
+        if done {
+            if let Some(e) = socket.take_error()? {
+                return Err(e);
+            }
+        }
+        let std: std::net::TcpStream = socket.into();
+        Ok((TcpStream::from_std(std)?, done))
+    };
+    let (stream, done) = match attempt() {
+        Ok(v) => v,
+        Err(e) => return Ok(Err(e)),
+    };
+    if done {
+        return Ok(Ok(stream));
+    }
+    tokio::time::timeout(timeout, async {
+        stream.writable().await?;
+        match stream.take_error()? {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    })
+    .await
+    .map(|r| r.map(|()| stream))
 }
 
 async fn serve_client(shared: &Shared, settings: &Settings, client: TcpStream) {
@@ -589,25 +644,88 @@ async fn forward(
     }
 }
 
-/// Reads what is there (at least one byte, or 0 at end of stream) into spare capacity.
-async fn read_some(s: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
-    loop {
-        s.readable().await?;
-        match s.try_read_buf(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+fn raw_recv(s: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: writes at most spare.len() bytes into the vector's spare capacity.
+    let n = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            spare.as_mut_ptr().cast(),
+            spare.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel initialised these n bytes.
+    unsafe { buf.set_len(buf.len() + n as usize) };
+    Ok(n as usize)
+}
+
+fn raw_send(s: &TcpStream, data: &[u8]) -> std::io::Result<usize> {
+    // SAFETY: reads data.len() bytes from a valid slice.
+    let n = unsafe {
+        libc::send(
+            s.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+fn would_block(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+    )
+}
+
+/// Reads what is there (at least one byte, or 0 at end of stream) into `buf`, which is
+/// (re)allocated with `size` bytes of capacity. With `speculative`, reads first without
+/// asking the event loop (the data is likely there: a fresh connection whose client
+/// spoke first, or a read that filled the buffer). While waiting, no buffer is held, so
+/// a quiet connection costs no copy memory.
+///
+/// Raw reads leave tokio's readiness as it was; that only ever costs a spurious wake-up,
+/// since every later arrival is a new epoll edge.
+async fn read_some(
+    s: &TcpStream,
+    buf: &mut Vec<u8>,
+    size: usize,
+    speculative: bool,
+) -> std::io::Result<usize> {
+    if speculative {
+        if buf.capacity() < size {
+            *buf = Vec::with_capacity(size);
+        }
+        match raw_recv(s, buf) {
+            Err(e) if would_block(&e) => {}
             r => return r,
         }
     }
+    *buf = Vec::new();
+    s.readable().await?;
+    *buf = Vec::with_capacity(size);
+    s.async_io(Interest::READABLE, || raw_recv(s, buf)).await
 }
 
+/// Writes everything, trying the socket first and the event loop only when it is full.
 async fn write_all(s: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
     while !data.is_empty() {
-        s.writable().await?;
-        match s.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+        let n = match raw_send(s, data) {
+            Ok(n) => n,
+            Err(e) if would_block(&e) => {
+                s.async_io(Interest::WRITABLE, || raw_send(s, data)).await?
+            }
             Err(e) => return Err(e),
-        }
+        };
+        data = &data[n..];
     }
     Ok(())
 }
@@ -638,17 +756,21 @@ async fn pump(
     spliced: &AtomicU64,
     ended: [&AtomicBool; 2],
 ) -> std::io::Result<()> {
-    from.readable().await?;
-    let mut buf: Vec<u8> = Vec::with_capacity(BUF_START);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut size = BUF_START;
+    // The client of a fresh connection has usually spoken already.
+    let mut speculative = first.is_some();
     loop {
         buf.clear();
-        let n = read_some(from, &mut buf).await?;
+        let n = read_some(from, &mut buf, size, speculative).await?;
         if n == 0 {
             return pass_on_eof(to, ended);
         }
-        if n < buf.capacity() {
+        let full = n == buf.capacity();
+        if !full {
             forget_readable(from);
         }
+        speculative = full;
         if let Some(flag) = first {
             flag.store(true, Relaxed);
         }
@@ -657,9 +779,9 @@ async fn pump(
         bytes.fetch_add(n as u64, Relaxed);
         write_all(to, &buf[..n]).await?;
         activity.touch();
-        if n == buf.capacity() {
-            if n < BUF_BULK {
-                buf = Vec::with_capacity(BUF_BULK);
+        if full {
+            if size < BUF_BULK {
+                size = BUF_BULK;
             } else if let Some(pipe) = Pipe::new() {
                 drop(buf);
                 spliced.fetch_add(1, Relaxed);
