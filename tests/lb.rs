@@ -749,7 +749,7 @@ async fn idle_connections_are_closed_busy_ones_are_not() {
             "closed too early: {after:?}"
         );
         assert!(
-            after < Duration::from_millis(900),
+            after < Duration::from_millis(1500),
             "closed too late: {after:?}"
         );
         assert_eq!(lab.handle.status().idle_timeouts, 1);
@@ -774,7 +774,7 @@ async fn a_silent_client_is_dropped_after_the_first_byte_timeout() {
         assert!(closed_within(&mut silent, Duration::from_secs(3)).await);
         let after = t0.elapsed();
         assert!(after >= Duration::from_millis(180), "{after:?}");
-        assert!(after < Duration::from_millis(800), "{after:?}");
+        assert!(after < Duration::from_millis(1500), "{after:?}");
         lab.wait_for("released", |s| s.active == 0 && s.backends[0].active == 0)
             .await;
         // A client that speaks is not subject to it.
