@@ -1153,3 +1153,40 @@ async fn data_and_fin_arriving_together_are_both_passed_on() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_reset_reaches_the_client_as_a_reset() {
+    timeout(LIMIT, async {
+        // A backend that resets every connection on which a client spoke.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut rst = TestBackend::start("rst").await;
+        rst.kill();
+        rst.addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut b = [0u8; 1];
+                    if let Ok(1) = s.read(&mut b).await {
+                        socket2::SockRef::from(&s)
+                            .set_linger(Some(Duration::ZERO))
+                            .unwrap();
+                        drop(s);
+                    }
+                });
+            }
+        });
+        let lab = Lab::start(&[&rst], |_| {}).await;
+        let mut c = TcpStream::connect(lab.addr).await.unwrap();
+        c.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 16];
+        let r = timeout(Duration::from_secs(3), c.read(&mut b))
+            .await
+            .unwrap();
+        let e = r.expect_err("a reset, not a clean end of stream");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+        lab.shutdown().await;
+    })
+    .await
+    .unwrap();
+}

@@ -620,28 +620,36 @@ async fn forward(
     let (mut up_done, mut down_done) = (false, false);
     let timer = tokio::time::sleep_until(activity.deadline(settings).into());
     tokio::pin!(timer);
-    loop {
+    let ended = loop {
         tokio::select! {
             r = &mut up, if !up_done => match r {
                 Ok(()) => up_done = true,
-                Err(_) => return Ended::Error,
+                Err(_) => break Ended::Error,
             },
             r = &mut down, if !down_done => match r {
                 Ok(()) => down_done = true,
-                Err(_) => return Ended::Error,
+                Err(_) => break Ended::Error,
             },
             () = &mut timer => {
                 let deadline = activity.deadline(settings);
                 if Instant::now() >= deadline {
-                    return Ended::Idle;
+                    break Ended::Idle;
                 }
                 timer.as_mut().reset(deadline.into());
             }
         }
         if up_done && down_done {
-            return Ended::Done;
+            break Ended::Done;
+        }
+    };
+    if let Ended::Error = ended {
+        // A reset or failed write on one side: the other side must not mistake the end
+        // for a clean end of stream, so both are closed with a reset too.
+        for s in [&client, &server] {
+            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
         }
     }
+    ended
 }
 
 fn raw_recv(s: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
