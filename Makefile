@@ -1,0 +1,55 @@
+# kthw-lab: the two commands that matter on a fresh machine are `make lab` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+SCENARIO ?= scenarios/2m2w.yaml
+BIN_RELEASE := target/release/kthw-lab
+
+.PHONY: lab test build deps-build deps-test deps-lab deps-bench lint unit bench clean help
+
+help:
+	@echo "make lab    install host packages, build, create the default lab ($(SCENARIO))"
+	@echo "make test   install test packages, lint, run every test"
+	@echo "make bench  benchmarks against baselines (prints ratio tables)"
+
+deps-build:
+	@scripts/deps.sh build
+deps-test:
+	@scripts/deps.sh build test
+deps-lab:
+	@scripts/deps.sh build lab
+deps-bench:
+	@scripts/deps.sh build test bench
+
+build: deps-build
+	$(CARGO) build --release --locked
+
+# The lab runs on this host's network. On a machine where lab networks must stay
+# isolated (e.g. a shared CI box), use `make lab SANDBOX=1`: the lab then lives in
+# a network namespace with its own libvirtd (scripts/netns-run).
+lab: deps-lab build
+ifeq ($(SANDBOX),1)
+	scripts/netns-run $(BIN_RELEASE) create $(SCENARIO)
+else
+	$(BIN_RELEASE) create $(SCENARIO)
+endif
+
+lint: deps-build
+	$(CARGO) fmt --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+# Every test, including the ones that need root, namespaces and real VMs.
+unit: deps-test
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	  KTHW_VM_TESTS=1 $(CARGO) nextest run --locked --no-fail-fast; \
+	else \
+	  KTHW_VM_TESTS=1 $(CARGO) test --locked --no-fail-fast; \
+	fi
+
+test: lint unit
+
+bench: deps-bench
+	$(CARGO) build --release --locked --all-targets
+	@echo "no benchmarks yet"
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Install the Debian packages a make target needs, only when some are missing.
+# Usage: scripts/deps.sh GROUP...   (groups: build test lab bench)
+# Idempotent: when everything is present it changes nothing and needs no network.
+set -euo pipefail
+
+declare -A GROUPS_PKGS=(
+  # Compile the tool: libvirt bindings, libssh2/openssl for ssh2, a C toolchain.
+  [build]="build-essential pkg-config libvirt-dev libssl-dev libssh2-1-dev cmake"
+  # Everything the tests drive for real: libvirt + qemu (TCG), image building,
+  # seed inspection, netlink/nft in namespaces, TLS/kubeconfig checks, etcd, LB baselines.
+  [test]="libvirt-daemon-system libvirt-clients libxml2-utils qemu-system-x86 qemu-utils mmdebstrap dosfstools mtools nftables iproute2 iputils-ping conntrack openssl etcd-client"
+  # What a lab host needs at run time.
+  [lab]="libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils mmdebstrap nftables iproute2 openssh-client"
+  # Baselines the benchmarks compare against.
+  [bench]="haproxy nginx libnginx-mod-stream genisoimage"
+)
+
+want=()
+for g in "$@"; do
+  [[ -n "${GROUPS_PKGS[$g]+x}" ]] || { echo "deps.sh: unknown group '$g' (build test lab bench)" >&2; exit 2; }
+  # shellcheck disable=SC2206
+  want+=(${GROUPS_PKGS[$g]})
+done
+# kubectl checks kubeconfigs in tests; any kubectl on PATH will do (Debian ships one
+# as kubernetes-client).
+if [[ " $* " == *" test "* ]] && ! command -v kubectl >/dev/null 2>&1; then
+  want+=(kubernetes-client)
+fi
+
+missing=()
+for p in "${want[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+    missing+=("$p")
+  fi
+done
+if [[ ${#missing[@]} -eq 0 ]]; then
+  exit 0
+fi
+echo "deps.sh: installing ${missing[*]}" >&2
+if [[ $(id -u) -ne 0 ]]; then
+  echo "deps.sh: need root to install packages (run with sudo)" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,952 @@
+//! The bootstrap phases on the nodes: etcd, pod routes, container runtime, control
+//! plane, workers, smoke. Each is an idempotent ensure: it checks what is on the
+//! node (file digests, unit state), changes only what differs, restarts only what it
+//! changed, then checks again.
+//!
+//! The commands are built by pure functions (tested without any node); the phases
+//! run them through a [`Remote`]. They are exercised for real by the VM end-to-end
+//! test; here nothing may touch this host's systemd or routes.
+//!
+//! Wiring, for the runner: build a [`Bootstrap`] from the plan, the component
+//! catalog and the cache dir; fill `files` from the PKI distribution
+//! (`FileCopy { node, local: source, remote: dest, mode }`), set `admin_kubeconfig`
+//! when an admin kubeconfig is among the first controller's files, and call
+//! [`Bootstrap::use_image`] for components taken from the image. Then
+//! `ensure_etcd`, `ensure_routes`, `ensure_runtime`, `ensure_control_plane`,
+//! `ensure_workers`, `smoke`, in that order; map errors with
+//! [`BootstrapError::into_error`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::components::{
+    cache_path, missing_components, missing_report, ArtifactKind, ChecksumSource, ComponentCatalog,
+};
+use crate::plan::{LabPlan, NodePlan};
+use crate::remote::{all_ok, exec_all, sh_quote, Remote, RemoteError};
+use crate::render::units::{self, on_node, Bins, NodeOs, PodRoute, RenderedFile};
+use crate::scenario::Role;
+
+/// One certificate, key or kubeconfig to copy to a node (from the PKI's
+/// distribution): `(node, local path, remote path, mode)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileCopy {
+    pub node: String,
+    pub local: PathBuf,
+    pub remote: String,
+    pub mode: u32,
+}
+
+impl From<(String, PathBuf, String, u32)> for FileCopy {
+    fn from((node, local, remote, mode): (String, PathBuf, String, u32)) -> Self {
+        FileCopy {
+            node,
+            local,
+            remote,
+            mode,
+        }
+    }
+}
+
+/// Everything the phases need besides the remote.
+#[derive(Debug, Clone)]
+pub struct Bootstrap<'a> {
+    pub plan: &'a LabPlan,
+    pub catalog: &'a ComponentCatalog,
+    /// The download cache root (`CACHE/components/NAME-VERSION`).
+    pub cache_dir: PathBuf,
+    /// Components taken from the image's Debian packages instead of the cache.
+    pub from_image: Vec<String>,
+    /// Certificates, keys and kubeconfigs per node.
+    pub files: Vec<FileCopy>,
+    /// An admin kubeconfig already on the first controller (for RBAC and smoke);
+    /// `None` skips what needs it.
+    pub admin_kubeconfig: Option<String>,
+    pub bins: Bins,
+    pub os: NodeOs,
+    /// How long to wait for services to come up (TCG is slow).
+    pub settle: Duration,
+    /// Prefix for every path component installs write on the node (like DESTDIR);
+    /// empty on real nodes.
+    pub install_root: String,
+}
+
+impl<'a> Bootstrap<'a> {
+    pub fn new(plan: &'a LabPlan, catalog: &'a ComponentCatalog, cache_dir: &Path) -> Self {
+        Bootstrap {
+            plan,
+            catalog,
+            cache_dir: cache_dir.to_path_buf(),
+            from_image: Vec::new(),
+            files: Vec::new(),
+            admin_kubeconfig: None,
+            bins: Bins::downloaded(),
+            os: NodeOs::default(),
+            settle: Duration::from_secs(180),
+            install_root: String::new(),
+        }
+    }
+
+    /// Take `components` (`etcd`, `containerd`, `runc`, `cni-plugins`) from the
+    /// image's Debian packages: skips their cache files and points the units at the
+    /// package paths, keeping the two consistent.
+    pub fn use_image(mut self, components: &[&str]) -> Self {
+        self.from_image = components.iter().map(|c| c.to_string()).collect();
+        if components.contains(&"etcd") {
+            // etcdctl comes with it (package etcd-client).
+            self.from_image.push("etcdctl".into());
+        }
+        self.bins = Bins::with_image(self.catalog, &self.plan.image, components);
+        self
+    }
+
+    fn uses_image(&self, component: &str) -> bool {
+        self.from_image.iter().any(|c| c == component)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("{0}")]
+    MissingComponents(String),
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    #[error("cannot read {path}: {source}")]
+    Local {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: sha256 {got} does not match the catalog's pinned {want}")]
+    CacheMismatch {
+        path: PathBuf,
+        want: String,
+        got: String,
+    },
+    #[error("{node}: {what} did not become ready: {detail}")]
+    NotReady {
+        node: String,
+        what: String,
+        detail: String,
+    },
+}
+
+impl BootstrapError {
+    /// The crate error for the runner: exit code 12, the chain, and the hint.
+    pub fn into_error(self, what: &str) -> crate::error::Error {
+        crate::error::Error::Bootstrap {
+            what: what.to_string(),
+            hint: self.hint().unwrap_or_default(),
+            source: Some(Box::new(self)),
+        }
+    }
+
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            BootstrapError::MissingComponents(_) => {
+                Some("see the hint lines above; `kthw-lab cache import DIR` adds the files".into())
+            }
+            BootstrapError::Remote(e) => e.hint(),
+            BootstrapError::Local { .. } => {
+                Some("run the pki phase first (`kthw-lab create --from pki`)".into())
+            }
+            BootstrapError::CacheMismatch { path, .. } => Some(format!(
+                "remove {} and download or import it again",
+                path.display()
+            )),
+            BootstrapError::NotReady { node, what, .. } => Some(format!(
+                "look at `journalctl -u {what}` on {node}; the phase can be rerun"
+            )),
+        }
+    }
+}
+
+/// What a phase changed, per node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PhaseReport {
+    /// node -> paths written and units restarted.
+    pub changed: BTreeMap<String, Vec<String>>,
+    pub notes: Vec<String>,
+}
+
+impl PhaseReport {
+    fn merge(&mut self, node: &str, items: Vec<String>) {
+        if !items.is_empty() {
+            self.changed
+                .entry(node.to_string())
+                .or_default()
+                .extend(items);
+        }
+    }
+
+    pub fn is_noop(&self) -> bool {
+        self.changed.is_empty()
+    }
+}
+
+const SHORT: Duration = Duration::from_secs(60);
+
+// ---- pure command builders ------------------------------------------------------
+
+/// Reload units, enable them, restart those whose inputs changed and start the rest
+/// (a no-op for running ones). `--no-block` for etcd, whose first member only
+/// reports ready once a quorum is up.
+pub fn systemd_apply_cmd(units: &[&str], changed: bool, no_block: bool) -> String {
+    let list = units.join(" ");
+    let nb = if no_block { " --no-block" } else { "" };
+    let action = if changed { "restart" } else { "start" };
+    format!("systemctl daemon-reload && systemctl enable {list} && systemctl{nb} {action} {list}")
+}
+
+/// `systemctl is-active` for several units; one state per line, in order.
+pub fn is_active_cmd(units: &[&str]) -> String {
+    format!("systemctl is-active {} || true", units.join(" "))
+}
+
+/// The units of `units` that are not `active` in `is-active` output.
+pub fn inactive_units<'u>(units: &[&'u str], output: &str) -> Vec<(&'u str, String)> {
+    let states: Vec<&str> = output.lines().map(str::trim).collect();
+    units
+        .iter()
+        .enumerate()
+        .filter_map(|(i, u)| {
+            let s = states.get(i).copied().unwrap_or("unknown");
+            (s != "active").then(|| (*u, s.to_string()))
+        })
+        .collect()
+}
+
+/// etcd health over TLS with the controller's own etcd certificate, every member.
+pub fn etcd_health_cmd(plan: &LabPlan, node: &NodePlan, bins: &Bins) -> String {
+    etcd_health_cmd_with(
+        &bins.etcdctl,
+        &plan.cluster.etcd_endpoints,
+        &on_node::etcd_ca(),
+        &on_node::etcd_cert(&node.name),
+        &on_node::etcd_key(&node.name),
+    )
+}
+
+/// [`etcd_health_cmd`] with explicit paths.
+pub fn etcd_health_cmd_with(
+    etcdctl: &str,
+    endpoints: &[String],
+    ca: &str,
+    cert: &str,
+    key: &str,
+) -> String {
+    format!(
+        "ETCDCTL_API=3 {etcdctl} --endpoints={eps} --cacert={ca} --cert={cert} --key={key} --command-timeout=5s endpoint health",
+        eps = endpoints.join(","),
+        ca = sh_quote(ca),
+        cert = sh_quote(cert),
+        key = sh_quote(key),
+    )
+}
+
+/// Endpoints reported unhealthy (or missing) by `etcdctl endpoint health`.
+pub fn unhealthy_endpoints(plan: &LabPlan, output: &str) -> Vec<String> {
+    plan.cluster
+        .etcd_endpoints
+        .iter()
+        .filter(|ep| {
+            !output
+                .lines()
+                .any(|l| l.starts_with(ep.as_str()) && l.contains("is healthy"))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Installing one file from a release archive already on the node.
+pub fn extract_cmd(archive: &str, inside: &str, dest: &str, mode: u32) -> String {
+    let dir = format!("{archive}.d");
+    format!(
+        "set -e; rm -rf {d}; mkdir -p {d}; tar -xzf {a} -C {d} {i}; install -D -m {m:o} {d}/{i} {t}; rm -rf {d}",
+        d = sh_quote(&dir),
+        a = sh_quote(archive),
+        i = sh_quote(inside.trim_start_matches("./")),
+        m = mode,
+        t = sh_quote(dest),
+    )
+}
+
+/// `ip -j route show` -> the expected routes that are missing.
+pub fn missing_routes(expected: &[PodRoute], ip_json: &str) -> Result<Vec<PodRoute>, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(ip_json).map_err(|e| format!("`ip -j route` output: {e}"))?;
+    let routes = v.as_array().ok_or("`ip -j route` output is not a list")?;
+    Ok(expected
+        .iter()
+        .filter(|r| {
+            !routes.iter().any(|x| {
+                x["dst"].as_str() == Some(r.dst.as_str())
+                    && x["gateway"].as_str() == Some(r.via.as_str())
+            })
+        })
+        .cloned()
+        .collect())
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+// ---- steps on one node -------------------------------------------------------------
+
+/// sha256 of each existing file among `paths`, in one round trip.
+pub fn digests_cmd(paths: &[&str]) -> String {
+    let list: Vec<String> = paths.iter().map(|p| sh_quote(p)).collect();
+    format!(
+        "for f in {}; do if [ -f \"$f\" ]; then sha256sum \"$f\"; fi; done",
+        list.join(" ")
+    )
+}
+
+/// `sha256sum` lines -> path -> digest.
+pub fn parse_digests(output: &str) -> BTreeMap<String, String> {
+    output
+        .lines()
+        .filter_map(|l| {
+            let (hash, path) = l.split_once("  ")?;
+            Some((path.to_string(), hash.to_string()))
+        })
+        .collect()
+}
+
+fn remote_digests<R: Remote + ?Sized>(
+    remote: &R,
+    node: &str,
+    paths: &[&str],
+) -> Result<BTreeMap<String, String>, RemoteError> {
+    if paths.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    Ok(parse_digests(
+        &remote.run(node, &digests_cmd(paths), SHORT)?.stdout,
+    ))
+}
+
+/// Put each file on the node unless it is already there byte for byte; the paths
+/// written. Check (one digest round trip), act (atomic uploads of what differs),
+/// check (digests of what was written).
+pub fn sync_files<R: Remote + ?Sized>(
+    remote: &R,
+    node: &str,
+    files: &[RenderedFile],
+) -> Result<Vec<String>, RemoteError> {
+    let paths: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+    let have = remote_digests(remote, node, &paths)?;
+    let mut written = Vec::new();
+    for f in files {
+        let want = sha256_hex(f.content.as_bytes());
+        if have.get(&f.path) == Some(&want) {
+            continue;
+        }
+        remote.upload(node, f.content.as_bytes(), &f.path, f.mode, "root:root")?;
+        written.push(f.path.clone());
+    }
+    let paths: Vec<&str> = written.iter().map(String::as_str).collect();
+    let now = remote_digests(remote, node, &paths)?;
+    for f in files.iter().filter(|f| written.contains(&f.path)) {
+        let want = sha256_hex(f.content.as_bytes());
+        if now.get(&f.path) != Some(&want) {
+            return Err(RemoteError::Channel {
+                node: node.to_string(),
+                cmd: format!("upload {}", f.path),
+                reason: format!(
+                    "content differs after upload (sha256 {:?}, wanted {want})",
+                    now.get(&f.path)
+                ),
+            });
+        }
+    }
+    Ok(written)
+}
+
+/// Copy the PKI files of `node` whose remote path passes `keep`.
+fn sync_copies<R: Remote + ?Sized>(
+    remote: &R,
+    node: &str,
+    copies: &[FileCopy],
+    keep: impl Fn(&str) -> bool,
+) -> Result<Vec<String>, BootstrapError> {
+    let mut files = Vec::new();
+    for c in copies.iter().filter(|c| c.node == node && keep(&c.remote)) {
+        let bytes = std::fs::read(&c.local).map_err(|source| BootstrapError::Local {
+            path: c.local.clone(),
+            source,
+        })?;
+        files.push(RenderedFile {
+            path: c.remote.clone(),
+            mode: c.mode,
+            // PEM and kubeconfigs are text.
+            content: String::from_utf8_lossy(&bytes).into_owned(),
+        });
+    }
+    Ok(sync_files(remote, node, &files)?)
+}
+
+/// Install a component's files from the cache unless the node has them already:
+/// single binaries are compared by digest, archives by a marker naming the digest of
+/// the archive their files came from. A cached file that does not match the
+/// catalog's pinned sha256 is refused.
+pub fn install_component<R: Remote + ?Sized>(
+    b: &Bootstrap,
+    remote: &R,
+    node: &str,
+    name: &str,
+) -> Result<Vec<String>, BootstrapError> {
+    if b.uses_image(name) {
+        return Ok(Vec::new());
+    }
+    let Some((version, rel)) = b.catalog.release_for(name, &b.plan.versions) else {
+        return Err(BootstrapError::MissingComponents(format!(
+            "{name}: the component catalog has no version for this plan"
+        )));
+    };
+    let local = cache_path(&b.cache_dir, name, version);
+    let bytes = std::fs::read(&local).map_err(|_| {
+        BootstrapError::MissingComponents(missing_report(&missing_components(
+            b.catalog,
+            b.plan,
+            &b.cache_dir,
+            &b.from_image.iter().map(String::as_str).collect::<Vec<_>>(),
+        )))
+    })?;
+    let digest = sha256_hex(&bytes);
+    if let ChecksumSource::Sha256(want) = &rel.checksum {
+        if *want != digest {
+            return Err(BootstrapError::CacheMismatch {
+                path: local,
+                want: want.clone(),
+                got: digest,
+            });
+        }
+    }
+    let root = b.install_root.trim_end_matches('/');
+    let at = |p: &str| format!("{root}{p}");
+    let mut done = Vec::new();
+    match rel.kind {
+        ArtifactKind::Binary => {
+            let f = &rel.install[0];
+            let to = at(&f.to);
+            if remote.file_sha256(node, &to)?.as_deref() != Some(digest.as_str()) {
+                remote.upload(node, &bytes, &to, f.mode, "root:root")?;
+                done.push(to);
+            }
+        }
+        ArtifactKind::TarGz => {
+            // A marker records which archive the installed files came from.
+            let marker = at(&format!("/var/lib/kthw/components/{name}.sha256"));
+            let have = remote
+                .run(
+                    node,
+                    &format!("cat {} 2>/dev/null || true", sh_quote(&marker)),
+                    SHORT,
+                )?
+                .stdout;
+            let all_there = rel
+                .install
+                .iter()
+                .map(|f| format!("[ -x {} ]", sh_quote(&at(&f.to))));
+            let check = all_there.collect::<Vec<_>>().join(" && ");
+            let present = remote.exec(node, &check, SHORT)?.success();
+            if have.trim() != digest || !present {
+                let archive = at(&format!("/var/cache/kthw/{}", rel.file_name()));
+                remote.upload(node, &bytes, &archive, 0o600, "root:root")?;
+                for f in &rel.install {
+                    let from = f.from.as_deref().unwrap_or_default();
+                    let to = at(&f.to);
+                    remote.run(node, &extract_cmd(&archive, from, &to, f.mode), SHORT)?;
+                    done.push(to);
+                }
+                remote.upload(
+                    node,
+                    format!("{digest}\n").as_bytes(),
+                    &marker,
+                    0o644,
+                    "root:root",
+                )?;
+                remote.run(node, &format!("rm -f {}", sh_quote(&archive)), SHORT)?;
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Fail early, with one message, when the cache lacks any of `names`.
+fn require_cached(b: &Bootstrap, names: &[&str]) -> Result<(), BootstrapError> {
+    let from_image: Vec<&str> = b.from_image.iter().map(String::as_str).collect();
+    let missing: Vec<_> = missing_components(b.catalog, b.plan, &b.cache_dir, &from_image)
+        .into_iter()
+        .filter(|m| names.contains(&m.component.as_str()))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(BootstrapError::MissingComponents(missing_report(&missing)))
+    }
+}
+
+/// Poll until every unit is active, or the settle time is up.
+fn wait_active<R: Remote + ?Sized>(
+    b: &Bootstrap,
+    remote: &R,
+    node: &str,
+    units: &[&str],
+) -> Result<(), BootstrapError> {
+    let deadline = std::time::Instant::now() + b.settle;
+    loop {
+        let out = remote.exec(node, &is_active_cmd(units), SHORT)?;
+        let bad = inactive_units(units, &out.stdout);
+        if bad.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            let (unit, state) = &bad[0];
+            let log = remote
+                .exec(
+                    node,
+                    &format!("journalctl -u {unit} -n 15 --no-pager || true"),
+                    SHORT,
+                )
+                .map(|o| o.stdout)
+                .unwrap_or_default();
+            return Err(BootstrapError::NotReady {
+                node: node.to_string(),
+                what: unit.to_string(),
+                detail: format!("state {state}; last log lines:\n{log}"),
+            });
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    }
+}
+
+fn node_names(plan: &LabPlan, role: Option<Role>) -> Vec<&str> {
+    plan.nodes
+        .iter()
+        .filter(|n| role.is_none_or(|r| n.role == r))
+        .map(|n| n.name.as_str())
+        .collect()
+}
+
+fn collect(
+    results: Vec<(String, Result<Vec<String>, BootstrapError>)>,
+) -> Result<PhaseReport, BootstrapError> {
+    let mut report = PhaseReport::default();
+    for (node, r) in results {
+        report.merge(&node, r?);
+    }
+    Ok(report)
+}
+
+fn par<R, F>(remote: &R, nodes: &[&str], f: F) -> Vec<(String, Result<Vec<String>, BootstrapError>)>
+where
+    R: Remote + ?Sized,
+    F: Fn(&R, &str) -> Result<Vec<String>, BootstrapError> + Sync,
+{
+    std::thread::scope(|s| {
+        let handles: Vec<_> = nodes
+            .iter()
+            .map(|n| {
+                let f = &f;
+                s.spawn(move || f(remote, n))
+            })
+            .collect();
+        nodes
+            .iter()
+            .zip(handles)
+            .map(|(n, h)| {
+                (
+                    n.to_string(),
+                    h.join().unwrap_or_else(|_| {
+                        Err(BootstrapError::NotReady {
+                            node: n.to_string(),
+                            what: "bootstrap step".into(),
+                            detail: "worker thread panicked".into(),
+                        })
+                    }),
+                )
+            })
+            .collect()
+    })
+}
+
+// ---- phases -------------------------------------------------------------------------
+
+/// etcd on every controller, started together (a member waits for its peers), then
+/// healthy over TLS on every endpoint.
+pub fn ensure_etcd<R: Remote + ?Sized>(
+    b: &Bootstrap,
+    remote: &R,
+) -> Result<PhaseReport, BootstrapError> {
+    require_cached(b, &["etcd"])?;
+    let controllers = node_names(b.plan, Some(Role::Controller));
+    let report = collect(par(remote, &controllers, |r, name| {
+        let node = b.plan.node(name).expect("planned node");
+        let mut changed = install_component(b, r, name, "etcd")?;
+        changed.extend(sync_copies(r, name, &b.files, |p| {
+            p.starts_with(on_node::ETCD_DIR)
+        })?);
+        r.run(
+            name,
+            &format!("install -d -m 700 {}", on_node::ETCD_DATA_DIR),
+            SHORT,
+        )?;
+        let unit = RenderedFile {
+            path: format!("{}/etcd.service", on_node::SYSTEMD_DIR),
+            mode: 0o644,
+            content: units::etcd_service(b.plan, node, &b.bins),
+        };
+        changed.extend(sync_files(r, name, &[unit])?);
+        r.run(
+            name,
+            &systemd_apply_cmd(&["etcd"], !changed.is_empty(), true),
+            SHORT,
+        )?;
+        if !changed.is_empty() {
+            changed.push("restarted etcd".into());
+        }
+        Ok(changed)
+    }))?;
+    // Check: every member healthy, seen from every controller.
+    let deadline = std::time::Instant::now() + b.settle;
+    for name in &controllers {
+        let node = b.plan.node(name).expect("planned node");
+        loop {
+            let out = remote.exec(name, &etcd_health_cmd(b.plan, node, &b.bins), SHORT)?;
+            let bad = unhealthy_endpoints(b.plan, &format!("{}{}", out.stdout, out.stderr));
+            if bad.is_empty() {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(BootstrapError::NotReady {
+                    node: name.to_string(),
+                    what: "etcd".into(),
+                    detail: format!(
+                        "unhealthy: {}\n{}",
+                        bad.join(", "),
+                        crate::remote::tail(&out.stderr, 10)
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_secs(3));
+        }
+    }
+    Ok(report)
+}
+
+/// Host-gw routes on every node: the unit and the networkd drop-in, the unit
+/// (re)started when it changed, then each route checked with `ip -j route`.
+pub fn ensure_routes<R: Remote + ?Sized>(
+    b: &Bootstrap,
+    remote: &R,
+) -> Result<PhaseReport, BootstrapError> {
+    let nodes = node_names(b.plan, None);
+    collect(par(remote, &nodes, |r, name| {
+        let node = b.plan.node(name).expect("planned node");
+        let mut changed = sync_files(r, name, &units::route_files(b.plan, node, &b.os))?;
+        let unit = units::POD_ROUTES_UNIT.trim_end_matches(".service");
+        r.run(
+            name,
+            &systemd_apply_cmd(&[unit], !changed.is_empty(), false),
+            SHORT,
+        )?;
+        let expected = units::pod_routes(b.plan, node);
+        let out = r.run(name, &format!("{} -j route show", b.os.ip), SHORT)?;
+        let missing =
+            missing_routes(&expected, &out.stdout).map_err(|detail| BootstrapError::NotReady {
+                node: name.to_string(),
+                what: units::POD_ROUTES_UNIT.into(),
+                detail,
+            })?;
+        if !missing.is_empty() {
+            return Err(BootstrapError::NotReady {
+                node: name.to_string(),
+                what: units::POD_ROUTES_UNIT.into(),
+                detail: missing
+                    .iter()
+                    .map(|m| format!("no route to {} via {}", m.dst, m.via))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            });
+        }
+        if !changed.is_empty() {
+            changed.push(format!("restarted {}", units::POD_ROUTES_UNIT));
+        }
+        Ok(changed)
+    }))
+}
+
+const RUNTIME_UNITS: &[&str] = &["containerd"];
+
+/// Kernel settings, containerd, runc, CNI plugins and crictl on every worker.
+pub fn ensure_runtime<R: Remote + ?Sized>(
+    b: &Bootstrap,
+    remote: &R,
+) -> Result<PhaseReport, BootstrapError> {
+    require_cached(b, &["containerd", "runc", "cni-plugins", "crictl"])?;
+    let workers = node_names(b.plan, Some(Role::Worker));
+    collect(par(remote, &workers, |r, name| {
+        let node = b.plan.node(name).expect("planned node");
+        let mut changed = Vec::new();
+        for c in ["runc", "cni-plugins", "containerd", "crictl"] {
+            changed.extend(install_component(b, r, name, c)?);
+        }
+        let files: Vec<RenderedFile> = units::worker_files(b.plan, node, &b.bins, &b.os)
+            .into_iter()
+            .filter(|f| {
+                f.path.starts_with("/etc/modules-load.d/")
+                    || f.path.starts_with("/etc/sysctl.d/")
+                    || f.path.starts_with("/etc/containerd/")
+                    || f.path.starts_with(on_node::CNI_CONF_DIR)
+                    || f.path.ends_with("/containerd.service")
+            })
+            .collect();
+        changed.extend(sync_files(r, name, &files)?);
+        r.run(
+            name,
+            "modprobe overlay && modprobe br_netfilter && sysctl --system >/dev/null && swapoff -a",
+            SHORT,
+        )?;
+        r.run(
+            name,
+            &systemd_apply_cmd(RUNTIME_UNITS, !changed.is_empty(), false),
+            SHORT,
+        )?;
+        wait_active(b, r, name, RUNTIME_UNITS)?;
+        if !changed.is_empty() {
+            changed.push("restarted containerd".into());
+        }
+        Ok(changed)
+    }))
+}
+
+const CONTROL_UNITS: &[&str] = &[
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+];
+
+/// The control plane on every controller (in parallel: each apiserver only needs
+/// etcd), then the RBAC that lets apiservers reach kubelets.
+pub fn ensure_control_plane<R: Remote + ?Sized>(
+    b: &Bootstrap,
+    remote: &R,
+) -> Result<PhaseReport, BootstrapError> {
+    require_cached(
+        b,
+        &[
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "kubectl",
+        ],
+    )?;
+    let controllers = node_names(b.plan, Some(Role::Controller));
+    let mut report = collect(par(remote, &controllers, |r, name| {
+        let node = b.plan.node(name).expect("planned node");
+        let mut changed = Vec::new();
+        for c in [
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "kubectl",
+        ] {
+            changed.extend(install_component(b, r, name, c)?);
+        }
+        changed.extend(sync_copies(r, name, &b.files, |p| {
+            !p.starts_with(on_node::ETCD_DIR)
+        })?);
+        let files: Vec<RenderedFile> = units::controller_files(b.plan, node, &b.bins)
+            .into_iter()
+            .filter(|f| !f.path.ends_with("/etcd.service"))
+            .collect();
+        changed.extend(sync_files(r, name, &files)?);
+        r.run(
+            name,
+            &systemd_apply_cmd(CONTROL_UNITS, !changed.is_empty(), false),
+            SHORT,
+        )?;
+        wait_active(b, r, name, CONTROL_UNITS)?;
+        if !changed.is_empty() {
+            changed.push("restarted the control plane".into());
+        }
+        Ok(changed)
+    }))?;
+    match (&b.admin_kubeconfig, controllers.first()) {
+        (Some(kc), Some(first)) => {
+            let rbac = RenderedFile {
+                path: "/var/lib/kubernetes/rbac-apiserver-to-kubelet.yaml".into(),
+                mode: 0o644,
+                content: units::rbac_apiserver_to_kubelet(),
+            };
+            sync_files(remote, first, std::slice::from_ref(&rbac))?;
+            wait_apiserver(b, remote, first, kc)?;
+            remote.run(
+                first,
+                &format!(
+                    "{} --kubeconfig {} apply -f {}",
+                    b.bins.kubectl,
+                    sh_quote(kc),
+                    rbac.path
+                ),
+                SHORT,
+            )?;
+        }
+        _ => report.notes.push(
+            "no admin kubeconfig on the controllers: RBAC for apiserver-to-kubelet not applied"
+                .into(),
+        ),
+    }
+    Ok(report)
+}
+
+fn wait_apiserver<R: Remote + ?Sized>(
+    b: &Bootstrap,
+    remote: &R,
+    node: &str,
+    kubeconfig: &str,
+) -> Result<(), BootstrapError> {
+    let deadline = std::time::Instant::now() + b.settle;
+    let cmd = format!(
+        "{} --kubeconfig {} get --raw=/readyz",
+        b.bins.kubectl,
+        sh_quote(kubeconfig)
+    );
+    loop {
+        let out = remote.exec(node, &cmd, SHORT)?;
+        if out.success() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(BootstrapError::NotReady {
+                node: node.to_string(),
+                what: "kube-apiserver".into(),
+                detail: crate::remote::tail(&format!("{}{}", out.stdout, out.stderr), 10),
+            });
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    }
+}
+
+const WORKER_UNITS: &[&str] = &["kubelet", "kube-proxy"];
+
+/// kubelet and kube-proxy on every worker, in parallel.
+pub fn ensure_workers<R: Remote + ?Sized>(
+    b: &Bootstrap,
+    remote: &R,
+) -> Result<PhaseReport, BootstrapError> {
+    require_cached(b, &["kubelet", "kube-proxy", "kubectl"])?;
+    let workers = node_names(b.plan, Some(Role::Worker));
+    collect(par(remote, &workers, |r, name| {
+        let node = b.plan.node(name).expect("planned node");
+        let mut changed = Vec::new();
+        for c in ["kubelet", "kube-proxy", "kubectl"] {
+            changed.extend(install_component(b, r, name, c)?);
+        }
+        changed.extend(sync_copies(r, name, &b.files, |_| true)?);
+        let files: Vec<RenderedFile> = units::worker_files(b.plan, node, &b.bins, &b.os)
+            .into_iter()
+            .filter(|f| {
+                f.path.starts_with(on_node::KUBELET_DIR)
+                    || f.path.starts_with(on_node::KUBE_PROXY_DIR)
+                    || f.path.ends_with("/kubelet.service")
+                    || f.path.ends_with("/kube-proxy.service")
+            })
+            .collect();
+        changed.extend(sync_files(r, name, &files)?);
+        r.run(
+            name,
+            &systemd_apply_cmd(WORKER_UNITS, !changed.is_empty(), false),
+            SHORT,
+        )?;
+        wait_active(b, r, name, WORKER_UNITS)?;
+        if !changed.is_empty() {
+            changed.push("restarted kubelet and kube-proxy".into());
+        }
+        Ok(changed)
+    }))
+}
+
+/// What the smoke check saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SmokeReport {
+    pub etcd_healthy: bool,
+    /// node -> units not active.
+    pub inactive: BTreeMap<String, Vec<String>>,
+    /// node -> routes missing.
+    pub missing_routes: BTreeMap<String, Vec<String>>,
+    /// `kubectl get nodes` from the first controller, when an admin kubeconfig is there.
+    pub nodes: Option<String>,
+}
+
+impl SmokeReport {
+    pub fn ok(&self) -> bool {
+        self.etcd_healthy && self.inactive.is_empty() && self.missing_routes.is_empty()
+    }
+}
+
+/// Read-only checks over the whole lab: etcd health, units active, routes present,
+/// and the node list when an admin kubeconfig is available.
+pub fn smoke<R: Remote + ?Sized>(b: &Bootstrap, remote: &R) -> Result<SmokeReport, BootstrapError> {
+    let mut rep = SmokeReport::default();
+    let controllers: Vec<&NodePlan> = b.plan.controllers().collect();
+    if let Some(c) = controllers.first() {
+        let out = remote.exec(&c.name, &etcd_health_cmd(b.plan, c, &b.bins), SHORT)?;
+        rep.etcd_healthy =
+            unhealthy_endpoints(b.plan, &format!("{}{}", out.stdout, out.stderr)).is_empty();
+    }
+    let nodes = node_names(b.plan, None);
+    let results = all_ok(exec_all(remote, &nodes, |r, name| {
+        let node = b.plan.node(name).expect("planned node");
+        let mut units: Vec<&str> = match node.role {
+            Role::Controller => vec!["etcd"],
+            Role::Worker => RUNTIME_UNITS.to_vec(),
+        };
+        units.extend(match node.role {
+            Role::Controller => CONTROL_UNITS,
+            Role::Worker => WORKER_UNITS,
+        });
+        let act = r.exec(name, &is_active_cmd(&units), SHORT)?;
+        let inactive: Vec<String> = inactive_units(&units, &act.stdout)
+            .into_iter()
+            .map(|(u, s)| format!("{u} ({s})"))
+            .collect();
+        let routes = r.run(name, &format!("{} -j route show", b.os.ip), SHORT)?;
+        let missing = missing_routes(&units::pod_routes(b.plan, node), &routes.stdout)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| format!("{} via {}", m.dst, m.via))
+            .collect::<Vec<_>>();
+        Ok((inactive, missing))
+    }))?;
+    for (node, (inactive, missing)) in results {
+        if !inactive.is_empty() {
+            rep.inactive.insert(node.clone(), inactive);
+        }
+        if !missing.is_empty() {
+            rep.missing_routes.insert(node, missing);
+        }
+    }
+    if let (Some(kc), Some(c)) = (&b.admin_kubeconfig, controllers.first()) {
+        let out = remote.exec(
+            &c.name,
+            &format!(
+                "{} --kubeconfig {} get nodes -o wide",
+                b.bins.kubectl,
+                sh_quote(kc)
+            ),
+            SHORT,
+        )?;
+        rep.nodes = Some(if out.success() {
+            out.stdout
+        } else {
+            out.stderr
+        });
+    }
+    Ok(rep)
+}

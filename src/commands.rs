@@ -1,0 +1,580 @@
+//! What each subcommand does, given a parsed command line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::CommandFactory;
+
+use crate::actions::{self, Cancel, Journal, Progress, Range, RunCtx, RunManifest, Runner};
+use crate::cli::{Cli, Command, Output, StatusOutput};
+use crate::error::{Error, Result};
+use crate::scenario::{self, HostLimits};
+
+pub fn run(cli: Cli) -> Result<()> {
+    let state_dir = cli
+        .state_dir
+        .clone()
+        .unwrap_or_else(crate::state::default_state_dir);
+    match cli.command {
+        Command::Plan { scenario, output } => cmd_plan(&scenario, output, &state_dir),
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "kthw-lab", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Create {
+            scenario,
+            until,
+            from,
+            connect,
+        } => cmd_create(
+            &scenario,
+            Range { from, until },
+            &connect.connect,
+            &state_dir,
+        ),
+        Command::Destroy {
+            lab,
+            purge_cache,
+            connect,
+        } => cmd_destroy(&lab, purge_cache, &connect.connect, &state_dir),
+        Command::Recreate { .. } => not_yet("recreate", 8),
+        Command::Reset { .. } => not_yet("reset", 8),
+        Command::Start { .. } => not_yet("start", 8),
+        Command::Stop { .. } => not_yet("stop", 8),
+        Command::List { output } => cmd_list(output, &state_dir),
+        Command::Status { .. } => not_yet("status", 8),
+        Command::Ssh { .. } => not_yet("ssh", 8),
+        Command::Kubeconfig { lab, write } => cmd_kubeconfig(&lab, write.as_deref(), &state_dir),
+        Command::Logs { lab, node } => cmd_logs(&lab, &node, &state_dir),
+        Command::Lb { .. } => not_yet("lb", 6),
+        Command::Image { command } => cmd_image(command, &state_dir),
+        Command::Certs {
+            command: crate::cli::CertsCommand::Check { lab, output },
+        } => cmd_certs_check(&lab, output, &state_dir),
+        Command::Cache { command } => match command {
+            crate::cli::CacheCommand::Import { dir } => cmd_cache_import(&dir, &state_dir),
+        },
+    }
+}
+
+fn not_yet(command: &str, issue: u32) -> Result<()> {
+    Err(Error::NotAvailable {
+        what: format!("`kthw-lab {command}`"),
+        hint: format!(
+            "it is being built (tracked as issue {issue}); `kthw-lab plan SCENARIO` works today"
+        ),
+    })
+}
+
+/// Host limits for validation, read from the running kernel.
+pub fn host_limits() -> Result<HostLimits> {
+    let memory_mib = crate::host::facts::memory_mib()
+        .map_err(|e| Error::with_source("cannot read the host's memory size", e))?;
+    Ok(HostLimits { memory_mib })
+}
+
+/// Load, validate and plan a scenario file.
+pub fn load_plan(path: &Path, state_dir: &Path) -> Result<crate::plan::LabPlan> {
+    Ok(load_plan_text(path, state_dir)?.0)
+}
+
+/// The plan and the scenario text it came from.
+pub fn load_plan_text(path: &Path, state_dir: &Path) -> Result<(crate::plan::LabPlan, String)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Other {
+        what: format!("cannot read scenario {}", path.display()),
+        hint: Some("give the path of a scenario file, e.g. scenarios/2m2w.yaml".into()),
+        source: Some(Box::new(e)),
+    })?;
+    let label = path.display().to_string();
+    let sc = scenario::load_str(
+        &text,
+        &label,
+        &scenario::Sources::for_scenario(path),
+        &host_limits()?,
+    )?;
+    let plan = crate::plan::plan(&sc, &text, &absolute(state_dir));
+    Ok((plan, text))
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    }
+}
+
+fn cmd_plan(path: &Path, output: Output, state_dir: &Path) -> Result<()> {
+    let plan = load_plan(path, state_dir)?;
+    let text = match output {
+        Output::Table => crate::plan::render_table(&plan),
+        Output::Json => plan.to_json(),
+        Output::Yaml => yaml_serde::to_string(&plan)
+            .map_err(|e| Error::with_source("cannot render the plan as YAML", e))?,
+    };
+    let mut out = std::io::stdout().lock();
+    // A closed pipe (e.g. `| head`) is not an error worth reporting.
+    let _ = out.write_all(text.as_bytes());
+    Ok(())
+}
+
+/// The plan without the scenario's hash: two scenarios that plan the same lab
+/// (comments, key order) are the same lab.
+fn plan_identity(plan: &crate::plan::LabPlan) -> String {
+    let mut p = plan.clone();
+    p.scenario_sha256.clear();
+    p.description = None;
+    p.to_json()
+}
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+fn cmd_create(path: &Path, range: Range, connect: &str, state_dir: &Path) -> Result<()> {
+    let state_dir = absolute(state_dir);
+    let (plan, _text) = load_plan_text(path, &state_dir)?;
+    let saved = crate::state::read_plan(&state_dir, &plan.lab).map_err(|e| {
+        Error::with_source(
+            format!("cannot read the saved plan of lab `{}`", plan.lab),
+            e,
+        )
+    })?;
+    if let Some(old) = &saved {
+        if plan_identity(old) != plan_identity(&plan) {
+            return Err(Error::LabExists {
+                lab: plan.lab.clone(),
+                hint: format!(
+                    "`kthw-lab recreate {}` rebuilds it from this scenario; `kthw-lab destroy {}` removes it",
+                    path.display(),
+                    plan.lab
+                ),
+            });
+        }
+    }
+    let others = crate::state::other_plans(&state_dir, &plan.lab);
+    let findings = crate::host::preflight::check_host(&plan, &state_dir, &others);
+    if !findings.is_empty() {
+        let mut hints: Vec<String> = findings.iter().map(|f| f.hint.clone()).collect();
+        hints.dedup();
+        return Err(Error::Preflight {
+            problems: findings
+                .iter()
+                .map(|f| format!("{}: {}", f.check, f.problem))
+                .collect(),
+            hints,
+        });
+    }
+    crate::state::record_plan(&plan).map_err(|e| {
+        Error::with_source(
+            format!("cannot record the plan in {}", plan.paths.root.display()),
+            e,
+        )
+    })?;
+    let progress = Progress::new();
+    let cancel = Cancel::new();
+    cancel
+        .install_signal_handlers()
+        .map_err(|e| Error::with_source("cannot install the Ctrl-C handler", e))?;
+    let opts = actions::phases::PhaseOptions {
+        connect: connect.to_string(),
+        state_dir: state_dir.clone(),
+        catalog_roots: scenario::Sources::for_scenario(path).roots,
+    };
+    let runner = Runner::new(actions::phases::actions(&plan, &opts));
+    let plan_sha = sha256_hex(&plan_identity(&plan));
+    let mut journal = Journal::open(&plan.paths.journal, &plan.lab, &plan_sha).map_err(|e| {
+        Error::with_source(
+            format!("cannot read the journal {}", plan.paths.journal.display()),
+            e,
+        )
+    })?;
+    let cx = RunCtx::new(&plan, progress.clone(), cancel);
+    progress.println(&format!(
+        "creating lab `{}` ({} nodes) from {}",
+        plan.lab,
+        plan.nodes.len(),
+        path.display()
+    ));
+    let started = actions::journal::now_unix();
+    let t0 = std::time::Instant::now();
+    let (timings, result) = runner.run(&cx, &mut journal, range);
+    if !timings.is_empty() {
+        eprint!("\n{}", actions::render_timings(&timings));
+    }
+    let manifest = RunManifest {
+        lab: plan.lab.clone(),
+        command: "create".into(),
+        started,
+        seconds: t0.elapsed().as_secs_f64(),
+        result: match &result {
+            Ok(()) => "ok".into(),
+            Err(e) => e.to_string(),
+        },
+        scenario_sha256: plan.scenario_sha256.clone(),
+        plan_sha256: plan_sha,
+        image: plan.image.clone(),
+        versions: plan.versions.clone(),
+        notes: cx.notes.lock().expect("notes lock").clone(),
+        phases: timings,
+    };
+    let mpath = actions::manifest_path(&plan, started, "create");
+    let mut json = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
+    json.push('\n');
+    if let Err(e) = actions::journal::write_atomic(&mpath, json.as_bytes(), 0o600) {
+        tracing::warn!("cannot write the run manifest {}: {e}", mpath.display());
+    }
+    result?;
+    match range.until {
+        Some(p) => eprintln!("lab `{}` is ready up to phase `{p}`", plan.lab),
+        None => eprintln!("lab `{}` is ready", plan.lab),
+    }
+    Ok(())
+}
+
+/// One row per lab with a state dir: its network, nodes and how far it got.
+fn cmd_list(output: StatusOutput, state_dir: &Path) -> Result<()> {
+    #[derive(serde::Serialize)]
+    struct Row {
+        lab: String,
+        nodes: usize,
+        bridge: String,
+        subnet: String,
+        api: String,
+        last_phase: Option<String>,
+        state: String,
+    }
+    let names = crate::state::lab_names(state_dir).map_err(|e| {
+        Error::with_source(format!("cannot list labs under {}", state_dir.display()), e)
+    })?;
+    let mut rows = Vec::new();
+    for name in names {
+        let Ok(Some(plan)) = crate::state::read_plan(state_dir, &name) else {
+            rows.push(Row {
+                lab: name,
+                nodes: 0,
+                bridge: "-".into(),
+                subnet: "-".into(),
+                api: "-".into(),
+                last_phase: None,
+                state: "no readable plan (destroy removes what is left)".into(),
+            });
+            continue;
+        };
+        let journal: Option<Journal> = std::fs::read(&plan.paths.journal)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let last = journal.as_ref().and_then(|j| j.phases.last().cloned());
+        rows.push(Row {
+            lab: plan.lab.clone(),
+            nodes: plan.nodes.len(),
+            bridge: plan.network.bridge.clone(),
+            subnet: plan.network.subnet.to_string(),
+            api: plan.load_balancer.endpoint.clone(),
+            last_phase: last.as_ref().map(|r| r.phase.name().to_string()),
+            state: last
+                .map(|r| crate::plan::table::plain_word(&r.state))
+                .unwrap_or_else(|| "planned".into()),
+        });
+    }
+    let text = match output {
+        StatusOutput::Json => {
+            let mut s = serde_json::to_string_pretty(&rows).expect("rows serialize");
+            s.push('\n');
+            s
+        }
+        StatusOutput::Table if rows.is_empty() => {
+            format!("no labs under {}\n", state_dir.display())
+        }
+        StatusOutput::Table => {
+            let mut t = vec![vec![
+                "LAB".to_string(),
+                "NODES".into(),
+                "BRIDGE".into(),
+                "SUBNET".into(),
+                "API".into(),
+                "LAST PHASE".into(),
+                "STATE".into(),
+            ]];
+            for r in &rows {
+                t.push(vec![
+                    r.lab.clone(),
+                    r.nodes.to_string(),
+                    r.bridge.clone(),
+                    r.subnet.clone(),
+                    r.api.clone(),
+                    r.last_phase.clone().unwrap_or_else(|| "-".into()),
+                    r.state.clone(),
+                ]);
+            }
+            crate::plan::rows_to_text(&t)
+        }
+    };
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    Ok(())
+}
+
+/// A lab's plan by name, or a clear error naming the labs that exist.
+pub fn saved_plan(state_dir: &Path, lab: &str) -> Result<crate::plan::LabPlan> {
+    match crate::state::read_plan(state_dir, lab) {
+        Ok(Some(p)) => Ok(p),
+        Ok(None) => {
+            let names = crate::state::lab_names(state_dir).unwrap_or_default();
+            Err(Error::Other {
+                what: format!("no lab named `{lab}` under {}", state_dir.display()),
+                hint: Some(if names.is_empty() {
+                    "create one with `kthw-lab create SCENARIO`".into()
+                } else {
+                    format!("labs here: {}", names.join(", "))
+                }),
+                source: None,
+            })
+        }
+        Err(e) => Err(Error::with_source(
+            format!("cannot read the plan of lab `{lab}`"),
+            e,
+        )),
+    }
+}
+
+fn cmd_logs(lab: &str, node: &str, state_dir: &Path) -> Result<()> {
+    let plan = saved_plan(state_dir, lab)?;
+    let Some(n) = plan.node(node) else {
+        let names: Vec<&str> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
+        return Err(Error::Other {
+            what: format!("lab `{lab}` has no node `{node}`"),
+            hint: Some(format!("its nodes: {}", names.join(", "))),
+            source: None,
+        });
+    };
+    match std::fs::read(&n.console_log) {
+        Ok(bytes) => {
+            let _ = std::io::stdout().lock().write_all(&bytes);
+            Ok(())
+        }
+        Err(e) => Err(Error::Other {
+            what: format!(
+                "cannot read the console log of `{node}` ({})",
+                n.console_log.display()
+            ),
+            hint: Some("the log appears once the node's VM has started (phase `domains`)".into()),
+            source: Some(Box::new(e)),
+        }),
+    }
+}
+
+/// `destroy LAB|SCENARIO`: the lab's name, from a scenario file when given one.
+fn lab_name_of(arg: &str, state_dir: &Path) -> Result<String> {
+    let p = Path::new(arg);
+    if p.is_file() {
+        return Ok(load_plan(p, state_dir)?.lab);
+    }
+    if crate::scenario::validate::is_label(arg, 32) {
+        return Ok(arg.to_string());
+    }
+    Err(Error::Usage {
+        what: format!("`{arg}` is neither a scenario file nor a lab name"),
+        hint: "give a lab name (see `kthw-lab list`) or the scenario file it was created from"
+            .into(),
+    })
+}
+
+fn cmd_destroy(arg: &str, purge_cache: bool, connect: &str, state_dir: &Path) -> Result<()> {
+    let state_dir = absolute(state_dir);
+    let lab = lab_name_of(arg, &state_dir)?;
+    // The plan helps (paths, bridge name) but is not required: removers find the
+    // lab's things by their ownership markers.
+    let plan = crate::state::read_plan(&state_dir, &lab).ok().flatten();
+    let opts = actions::phases::PhaseOptions {
+        connect: connect.to_string(),
+        state_dir: state_dir.clone(),
+        catalog_roots: catalog_roots(),
+    };
+    let progress = Progress::new();
+    progress.println(&format!("destroying lab `{lab}`"));
+    let report = actions::teardown::teardown(
+        &lab,
+        plan.as_ref(),
+        &actions::phases::removers(&opts),
+        &progress,
+    );
+    let report = report.into_result(&lab)?;
+    let lab_dir = crate::plan::LabPaths::new(&state_dir, &lab).root;
+    match std::fs::remove_dir_all(&lab_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(Error::with_source(
+                format!("cannot remove the lab's state dir {}", lab_dir.display()),
+                e,
+            ))
+        }
+    }
+    if purge_cache {
+        let cache = crate::cache::Cache::new(&state_dir);
+        cache.purge().map_err(|e| {
+            actions::phases::cache_error(
+                format!("cannot purge the cache {}", cache.root().display()),
+                e,
+            )
+        })?;
+        progress.println(&format!(
+            "removed the shared cache {}",
+            cache.root().display()
+        ));
+    }
+    eprintln!(
+        "lab `{lab}` destroyed in {:.1} s ({} removed, nothing left)",
+        report.seconds,
+        report.removed.len()
+    );
+    Ok(())
+}
+
+/// Catalog roots for commands that have no scenario: the current directory (a
+/// checkout of this repository) on top of the built-in catalog.
+fn catalog_roots() -> Vec<PathBuf> {
+    std::env::current_dir().into_iter().collect()
+}
+
+fn load_catalog() -> Result<crate::cache::Catalog> {
+    crate::cache::Catalog::load(&catalog_roots()).map_err(|e| Error::Other {
+        what: format!("the image catalog is invalid:\n{}", e.report().trim_end()),
+        hint: Some(e.hint()),
+        source: None,
+    })
+}
+
+fn cmd_image(command: crate::cli::ImageCommand, state_dir: &Path) -> Result<()> {
+    use crate::cache::{blocking, Progress as CacheProgress};
+    use crate::cli::ImageCommand;
+    let state_dir = absolute(state_dir);
+    let catalog = load_catalog()?;
+    let fail = |name: &str, e: crate::cache::CacheError| {
+        actions::phases::cache_error(format!("image `{name}`"), e)
+    };
+    match command {
+        ImageCommand::List => {
+            let text = crate::cache::render_list(&catalog, &state_dir);
+            let _ = std::io::stdout().lock().write_all(text.as_bytes());
+        }
+        ImageCommand::Pull { name } => {
+            let img = blocking::ensure_image(&catalog, &name, &state_dir, CacheProgress::Auto)
+                .map_err(|e| fail(&name, e))?;
+            eprintln!(
+                "image `{name}` {} ({})",
+                if img.fetched {
+                    "downloaded and verified"
+                } else {
+                    "already cached"
+                },
+                img.disk.display()
+            );
+        }
+        ImageCommand::Build { name } => {
+            let t0 = std::time::Instant::now();
+            let img = blocking::build_image(&catalog, &name, &state_dir, CacheProgress::Auto, true)
+                .map_err(|e| fail(&name, e))?;
+            eprintln!(
+                "image `{name}` built in {:.0} s ({})",
+                t0.elapsed().as_secs_f64(),
+                img.disk.display()
+            );
+        }
+        ImageCommand::Verify { name } => {
+            let r = crate::cache::verify_image(&catalog, &name, &state_dir)
+                .map_err(|e| fail(&name, e))?;
+            for f in &r.files {
+                println!("{}  {}  {} bytes  ok", f.checksum, f.file, f.size);
+            }
+            eprintln!(
+                "image `{name}` verified: {} files, {} MiB in {:.1} s",
+                r.files.len(),
+                r.bytes >> 20,
+                r.elapsed.as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn cmd_cache_import(dir: &Path, state_dir: &Path) -> Result<()> {
+    let catalog = load_catalog()?;
+    let report = crate::cache::blocking::import_dir(
+        &catalog,
+        dir,
+        &absolute(state_dir),
+        crate::cache::Progress::Auto,
+    )
+    .map_err(|e| {
+        actions::phases::cache_error(format!("cannot import from {}", dir.display()), e)
+    })?;
+    let _ = std::io::stdout()
+        .lock()
+        .write_all(report.render().as_bytes());
+    let failed = report.failures().count();
+    if failed > 0 {
+        return Err(Error::Other {
+            what: format!("{failed} file(s) in {} could not be imported", dir.display()),
+            hint: Some("see the table above; a file whose checksum does not match is left out of the cache".into()),
+            source: None,
+        });
+    }
+    Ok(())
+}
+
+fn cmd_kubeconfig(lab: &str, write: Option<&Path>, state_dir: &Path) -> Result<()> {
+    let plan = saved_plan(state_dir, lab)?;
+    let missing = |e: crate::pki::PkiError| Error::Other {
+        what: format!("lab `{lab}` has no admin kubeconfig yet"),
+        hint: Some(format!(
+            "it is made by phase `pki`: run `kthw-lab create SCENARIO --until pki` ({e})"
+        )),
+        source: None,
+    };
+    match write {
+        Some(dest) => {
+            crate::pki::write_admin_kubeconfig(&plan, dest).map_err(missing)?;
+            eprintln!(
+                "wrote {} (mode 0600); use it with: export KUBECONFIG={}",
+                dest.display(),
+                absolute(dest).display()
+            );
+        }
+        None => {
+            let text = crate::pki::admin_kubeconfig(&plan).map_err(missing)?;
+            let _ = std::io::stdout().lock().write_all(text.as_bytes());
+        }
+    }
+    Ok(())
+}
+
+fn cmd_certs_check(lab: &str, output: StatusOutput, state_dir: &Path) -> Result<()> {
+    let plan = saved_plan(state_dir, lab)?;
+    let mut findings = crate::pki::lint(&plan);
+    findings.extend(crate::pki::lint_kubeconfigs(&plan));
+    let text = match output {
+        StatusOutput::Table => crate::pki::lint::render_table(&findings),
+        StatusOutput::Json => crate::pki::lint::to_json(&findings),
+    };
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    if findings.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Other {
+            what: format!(
+                "{} finding(s) in the certificates of lab `{lab}`",
+                findings.len()
+            ),
+            hint: Some(
+                "`kthw-lab create SCENARIO --until pki` re-issues what no longer matches the plan (keys are kept); the table above says what is wrong"
+                    .into(),
+            ),
+            source: None,
+        })
+    }
+}

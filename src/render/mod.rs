@@ -1,0 +1,5 @@
+//! Pure renderers: plan in, text out. Nothing here touches the host.
+
+pub mod encryption;
+pub mod kubeconfig;
+pub mod units;

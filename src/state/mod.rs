@@ -1,0 +1,119 @@
+//! The state directory: where labs keep their plans, keys, disks and logs, and
+//! where the shared download cache lives.
+
+use std::path::{Path, PathBuf};
+
+/// Default state dir: /var/lib/kthw-lab for root, the XDG state dir otherwise.
+pub fn default_state_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    default_state_dir_for(
+        uid,
+        std::env::var_os("XDG_STATE_HOME").map(PathBuf::from),
+        std::env::var_os("HOME").map(PathBuf::from),
+    )
+}
+
+pub fn default_state_dir_for(
+    uid: u32,
+    xdg_state: Option<PathBuf>,
+    home: Option<PathBuf>,
+) -> PathBuf {
+    if uid == 0 {
+        return PathBuf::from("/var/lib/kthw-lab");
+    }
+    match (xdg_state, home) {
+        (Some(x), _) if x.is_absolute() => x.join("kthw-lab"),
+        (_, Some(h)) => h.join(".local/state/kthw-lab"),
+        _ => PathBuf::from("/tmp/kthw-lab"),
+    }
+}
+
+/// The download cache shared by every lab under a state dir.
+pub fn cache_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("cache")
+}
+
+/// The directory holding one directory per lab.
+pub fn labs_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("labs")
+}
+
+/// The saved plan of a lab, if the lab has a state dir.
+pub fn read_plan(state_dir: &Path, lab: &str) -> std::io::Result<Option<crate::plan::LabPlan>> {
+    let p = crate::plan::LabPaths::new(state_dir, lab).plan;
+    match std::fs::read(&p) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is not a readable plan: {e}", p.display()),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Record a plan before the first side effect (lab dir 0700).
+pub fn record_plan(plan: &crate::plan::LabPlan) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(&plan.paths.root)?;
+    std::fs::set_permissions(&plan.paths.root, std::fs::Permissions::from_mode(0o700))?;
+    crate::actions::journal::write_atomic(&plan.paths.plan, plan.to_json().as_bytes(), 0o600)
+}
+
+/// Names of every lab with a state dir, sorted.
+pub fn lab_names(state_dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    match std::fs::read_dir(labs_dir(state_dir)) {
+        Ok(rd) => {
+            for e in rd {
+                let e = e?;
+                if e.file_type()?.is_dir() {
+                    if let Some(n) = e.file_name().to_str() {
+                        names.push(n.to_string());
+                    }
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Plans of every other lab on this host (unreadable ones are skipped).
+pub fn other_plans(state_dir: &Path, lab: &str) -> Vec<crate::plan::LabPlan> {
+    lab_names(state_dir)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n != lab)
+        .filter_map(|n| read_plan(state_dir, &n).ok().flatten())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_uses_var_lib() {
+        assert_eq!(
+            default_state_dir_for(0, None, Some("/root".into())),
+            PathBuf::from("/var/lib/kthw-lab")
+        );
+    }
+
+    #[test]
+    fn users_use_xdg_then_home() {
+        assert_eq!(
+            default_state_dir_for(1000, Some("/x/state".into()), Some("/home/u".into())),
+            PathBuf::from("/x/state/kthw-lab")
+        );
+        assert_eq!(
+            default_state_dir_for(1000, Some("relative".into()), Some("/home/u".into())),
+            PathBuf::from("/home/u/.local/state/kthw-lab")
+        );
+    }
+}

@@ -1,0 +1,83 @@
+//! Shared test support: network namespaces the test creates and always deletes.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A network namespace owned by one test; deleted on drop, even after a panic.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = format!(
+            "kthwt-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip netns add {name} failed (tests need root)");
+        let ns = Netns { name };
+        ns.sh("ip link set lo up");
+        ns
+    }
+
+    /// Run a program inside the namespace.
+    pub fn cmd(&self, prog: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, prog]);
+        c
+    }
+
+    /// Run a shell snippet inside the namespace; panics on failure.
+    pub fn sh(&self, script: &str) -> String {
+        let o = self.cmd("sh").args(["-ec", script]).output().unwrap();
+        assert!(
+            o.status.success(),
+            "in {}: `{script}` failed: {}",
+            self.name,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    pub fn json(&self, script: &str) -> serde_json::Value {
+        serde_json::from_str(&self.sh(script)).unwrap()
+    }
+
+    /// The kthw-lab binary inside the namespace.
+    pub fn kthw(&self, state: &std::path::Path, args: &[&str]) -> Output {
+        self.cmd(env!("CARGO_BIN_EXE_kthw-lab"))
+            .arg("--state-dir")
+            .arg(state)
+            .args(args)
+            .current_dir(root())
+            .env("KTHW_LAB_PLAIN", "1")
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
