@@ -18,8 +18,8 @@
 //! # Wiring into the CLI
 //! - `kthw-lab lb run --config FILE` calls [`run_blocking`] (own runtime; SIGTERM/SIGINT
 //!   stop, SIGHUP reloads). Inside an existing runtime use [`run`].
-//! - `create` (the `lb` phase) writes an [`LbConfig`] from the plan with
-//!   [`LbConfig::save`] into the lab's state dir, then calls
+//! - `create` (the `lb` phase) builds the config with [`config_from_plan`], saves it
+//!   with [`LbConfig::save`] at [`LbFiles`]`::of(plan).config`, then calls
 //!   [`ensure_running`]`(exe, ["lb", "run", "--config", FILE], pid, log)`: it starts the
 //!   balancer detached, or reloads the running one on a re-run. `start LAB` after a
 //!   reboot calls the same. `destroy` calls [`stop`] (fine when already gone).
@@ -44,6 +44,7 @@
 
 mod control;
 mod health;
+pub mod plan;
 mod proxy;
 pub mod select;
 pub mod stats;
@@ -54,6 +55,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use control::{ensure_running, is_running, reload, spawn_detached, status, stop, Ensured};
+pub use plan::{config_from_plan, LbFiles};
 pub use proxy::{run, run_blocking, LbHandle, LbServer};
 pub use select::Policy;
 pub use stats::{render_table, BackendStatus, LbStatus};
