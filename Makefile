@@ -4,7 +4,7 @@ CARGO ?= cargo
 SCENARIO ?= scenarios/2m2w.yaml
 BIN_RELEASE := target/release/kthw-lab
 
-.PHONY: lab test build deps-build deps-test deps-lab deps-bench lint unit bench clean help
+.PHONY: lab test build deps-build deps-test deps-lab deps-bench lint unit bench bench-lb clean help
 
 help:
 	@echo "make lab    install host packages, build, create the default lab ($(SCENARIO))"
@@ -47,9 +47,11 @@ unit: deps-test
 
 test: lint unit
 
-bench: deps-bench
-	$(CARGO) build --release --locked --all-targets
-	@echo "no benchmarks yet"
+# Benchmarks print ratio tables against baselines run side by side in the same run.
+bench: bench-lb
+
+bench-lb: deps-bench
+	$(CARGO) bench --locked --bench lb
 
 clean:
 	$(CARGO) clean

@@ -47,7 +47,14 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Ssh { .. } => not_yet("ssh", 8),
         Command::Kubeconfig { lab, write } => cmd_kubeconfig(&lab, write.as_deref(), &state_dir),
         Command::Logs { lab, node } => cmd_logs(&lab, &node, &state_dir),
-        Command::Lb { .. } => not_yet("lb", 6),
+        Command::Lb { command } => match command {
+            crate::cli::LbCommand::Run { config } => {
+                crate::lb::run_blocking(&config).map_err(actions::phases::lb_error)
+            }
+            crate::cli::LbCommand::Status { lab, output } => {
+                cmd_lb_status(&lab, output, &state_dir)
+            }
+        },
         Command::Image { command } => cmd_image(command, &state_dir),
         Command::Certs {
             command: crate::cli::CertsCommand::Check { lab, output },
@@ -577,4 +584,27 @@ fn cmd_certs_check(lab: &str, output: StatusOutput, state_dir: &Path) -> Result<
             source: None,
         })
     }
+}
+
+fn cmd_lb_status(lab: &str, output: StatusOutput, state_dir: &Path) -> Result<()> {
+    let plan = saved_plan(state_dir, lab)?;
+    let files = crate::lb::plan::LbFiles::of(&plan);
+    let status = crate::lb::status(&files.socket).map_err(|e| Error::Other {
+        what: format!("the load balancer of lab `{lab}` does not answer"),
+        hint: Some(format!(
+            "it runs from phase `lb` of create; `kthw-lab start {lab}` brings it back after a reboot (log: {})",
+            files.log.display()
+        )),
+        source: Some(Box::new(e)),
+    })?;
+    let text = match output {
+        StatusOutput::Table => crate::lb::render_table(&status),
+        StatusOutput::Json => {
+            let mut s = serde_json::to_string_pretty(&status).expect("status serializes");
+            s.push('\n');
+            s
+        }
+    };
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    Ok(())
 }

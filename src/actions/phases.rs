@@ -27,6 +27,7 @@ pub fn actions(_plan: &LabPlan, opts: &PhaseOptions) -> Vec<Box<dyn Action>> {
         }),
         Box::new(ImagePhase { opts: opts.clone() }),
         Box::new(PkiPhase),
+        Box::new(LbPhase),
     ]
 }
 
@@ -131,9 +132,14 @@ impl Action for ImagePhase {
 
 /// Everything that removes a lab's things, consumers first.
 pub fn removers(opts: &PhaseOptions) -> Vec<Box<dyn Remover>> {
-    vec![Box::new(NetworkRemover {
-        net: LinuxNet::new(&opts.state_dir),
-    })]
+    vec![
+        Box::new(LbRemover {
+            state_dir: opts.state_dir.clone(),
+        }),
+        Box::new(NetworkRemover {
+            net: LinuxNet::new(&opts.state_dir),
+        }),
+    ]
 }
 
 pub(crate) fn net_error(e: NetError) -> Error {
@@ -214,5 +220,141 @@ impl Remover for NetworkRemover {
             .collect();
         out.extend(s.tables.iter().map(|t| format!("nft table {t}")));
         Ok(out)
+    }
+}
+
+pub(crate) fn lb_error(e: crate::lb::LbError) -> Error {
+    Error::Provision {
+        what: "the API load balancer".into(),
+        hint: "look at the balancer's log (`lb.log` in the lab's lb directory); `kthw-lab lb status LAB` shows its backends".into(),
+        source: Some(Box::new(e)),
+    }
+}
+
+/// The API load balancer: this binary's `lb run`, detached, configured from the plan.
+/// A running one is told to reload (SIGHUP), so re-runs converge without dropping
+/// connections.
+struct LbPhase;
+
+impl Action for LbPhase {
+    fn phase(&self) -> Phase {
+        Phase::Lb
+    }
+
+    fn run(&self, cx: &RunCtx) -> Result<()> {
+        use crate::lb::{self as control, config_from_plan, LbFiles};
+        let files = LbFiles::of(cx.plan);
+        let line = cx.progress.line(
+            &cx.plan.load_balancer.name,
+            &format!(
+                "{} -> {}",
+                cx.plan.load_balancer.endpoint,
+                cx.plan.load_balancer.backends.join(" ")
+            ),
+        );
+        let ca = crate::pki::cert_path(&cx.plan.paths.pki, "ca");
+        let config = config_from_plan(cx.plan, &ca).map_err(lb_error)?;
+        std::fs::create_dir_all(&cx.plan.paths.lb).map_err(|e| {
+            Error::with_source(format!("cannot create {}", cx.plan.paths.lb.display()), e)
+        })?;
+        config.save(&files.config).map_err(lb_error)?;
+        let exe = std::env::current_exe()
+            .map_err(|e| Error::with_source("cannot find this program to start the balancer", e))?;
+        let args: Vec<std::ffi::OsString> = vec![
+            "-v".into(),
+            "lb".into(),
+            "run".into(),
+            "--config".into(),
+            files.config.clone().into(),
+        ];
+        let how = control::ensure_running(&exe, &args, &files.pid, &files.log).map_err(lb_error)?;
+        // Ready when its control socket answers.
+        let t0 = std::time::Instant::now();
+        let status = loop {
+            match control::status(&files.socket) {
+                Ok(s) => break s,
+                Err(e) if t0.elapsed() > std::time::Duration::from_secs(10) => {
+                    line.fail("no answer on its control socket");
+                    return Err(lb_error(e));
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
+        };
+        let _ = status;
+        line.done(&match how {
+            control::Ensured::Started(pid) => format!("started (pid {pid})"),
+            control::Ensured::Reloaded(pid) => format!("running, reloaded (pid {pid})"),
+        });
+        Ok(())
+    }
+}
+
+/// Balancer processes of a lab, found by the marker in their command line: the
+/// lab's config path `.../labs/LAB/lb/lb.json`.
+pub fn lb_processes(lab: &str) -> Vec<u32> {
+    let suffix = format!("/labs/{lab}/lb/lb.json");
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let ours = args
+            .windows(3)
+            .any(|w| w[0] == "run" && w[1] == "--config" && w[2].ends_with(&suffix));
+        if ours && args.iter().any(|a| a == "lb") {
+            out.push(pid);
+        }
+    }
+    out.sort();
+    out
+}
+
+struct LbRemover {
+    state_dir: PathBuf,
+}
+
+impl Remover for LbRemover {
+    fn what(&self) -> &'static str {
+        "load balancer"
+    }
+
+    fn remove(&self, lab: &str, _plan: Option<&LabPlan>) -> Result<Vec<String>> {
+        let files =
+            crate::lb::plan::LbFiles::new(&crate::plan::LabPaths::new(&self.state_dir, lab).lb);
+        let mut out = Vec::new();
+        if crate::lb::is_running(&files.pid) {
+            crate::lb::stop(&files.pid).map_err(lb_error)?;
+            out.push("balancer process".to_string());
+        }
+        // Also one whose pid file is gone (state dir removed by hand).
+        for pid in lb_processes(lab) {
+            // SAFETY: plain kill(2) on a pid whose command line names this lab's config.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            let t0 = std::time::Instant::now();
+            while std::path::Path::new(&format!("/proc/{pid}")).exists()
+                && t0.elapsed() < std::time::Duration::from_secs(5)
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            out.push(format!("balancer process {pid}"));
+        }
+        Ok(out)
+    }
+
+    fn residue(&self, lab: &str, _plan: Option<&LabPlan>) -> Result<Vec<String>> {
+        Ok(lb_processes(lab)
+            .into_iter()
+            .map(|p| format!("process {p}"))
+            .collect())
     }
 }
