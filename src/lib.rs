@@ -8,5 +8,6 @@ pub mod commands;
 pub mod error;
 pub mod host;
 pub mod plan;
+pub mod render;
 pub mod scenario;
 pub mod state;
