@@ -1,3 +1,8 @@
 //! Side effects on the host, behind coarse traits in domain terms.
 
+pub mod accel;
+pub mod disks;
 pub mod facts;
+pub mod libvirt;
+pub mod seed;
+pub mod ssh;

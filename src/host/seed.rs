@@ -50,6 +50,33 @@ impl SeedError {
     }
 }
 
+/// Seeds carry a fixed timestamp, so the same content gives byte-identical volumes.
+#[derive(Debug)]
+struct FixedTime;
+
+impl fatfs::TimeProvider for FixedTime {
+    fn get_current_date(&self) -> fatfs::Date {
+        fatfs::Date {
+            year: 2020,
+            month: 1,
+            day: 1,
+        }
+    }
+    fn get_current_date_time(&self) -> fatfs::DateTime {
+        fatfs::DateTime {
+            date: self.get_current_date(),
+            time: fatfs::Time {
+                hour: 0,
+                min: 0,
+                sec: 0,
+                millis: 0,
+            },
+        }
+    }
+}
+
+static FIXED_TIME: FixedTime = FixedTime;
+
 /// Write the seed volume to `path` (atomically: a temp file renamed into place).
 /// Rewritten every time: it is cheap, and the instance-id inside decides whether
 /// cloud-init applies it again.
@@ -83,8 +110,9 @@ pub fn write_seed(path: &Path, files: &SeedFiles) -> Result<(), SeedError> {
         )
         .map_err(err("format the FAT volume"))?;
         {
-            let fs = fatfs::FileSystem::new(&mut f, fatfs::FsOptions::new())
-                .map_err(err("open the new FAT volume"))?;
+            let fs =
+                fatfs::FileSystem::new(&mut f, fatfs::FsOptions::new().time_provider(&FIXED_TIME))
+                    .map_err(err("open the new FAT volume"))?;
             let root = fs.root_dir();
             for (name, content) in files.entries() {
                 let mut file = root

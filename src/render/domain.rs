@@ -122,6 +122,26 @@ pub fn render_domain(
     write_domain(plan, node, opts, Some(&digest)).map_err(wrap)
 }
 
+/// A stable UUID per lab and node (sha256-derived, RFC 4122 version 4 layout), so a
+/// redefinition keeps the domain's identity: libvirt refuses a same-named domain with
+/// another UUID.
+pub fn domain_uuid(lab: &str, node: &str) -> String {
+    let d = Sha256::digest(format!("kthw-lab/{lab}/{node}").as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d[..16]);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
 fn p(path: &Path) -> String {
     path.display().to_string()
 }
@@ -146,6 +166,7 @@ fn write_domain(
         .with_attribute(("type", opts.accel.domain_type()))
         .write_inner_content(|w| {
             text(w, "name", &node.domain)?;
+            text(w, "uuid", &domain_uuid(&plan.lab, &node.name))?;
             write_metadata(w, plan, node, digest)?;
             w.create_element("memory")
                 .with_attribute(("unit", "MiB"))
