@@ -87,7 +87,8 @@ fn cloudinit_seed_content() {
                 .contains(&format!("{}\t{}\n", other.ip, other.name)));
         }
         assert!(seed.user_data.contains("10.200.1.15\tlb\n"));
-        assert!(seed.user_data.contains("ssh_genkeytypes: []"));
+        assert!(seed.user_data.contains("ssh_keys:\n  ed25519_private: |\n"));
+        assert!(!seed.user_data.contains("ssh_pwauth"));
         assert!(seed.user_data.contains("locale: false"));
         assert!(seed
             .meta_data

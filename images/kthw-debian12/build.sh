@@ -89,6 +89,7 @@ mmdebstrap --variant=minbase --mode=root --format=directory \
     --customize-hook='chroot "$1" systemctl mask e2scrub_reap.service e2scrub_all.timer apt-daily.timer apt-daily-upgrade.timer fstrim.timer dpkg-db-backup.timer' \
     --customize-hook='chroot "$1" systemctl disable etcd.service containerd.service' \
     --customize-hook='rm -f "$1"/etc/ssh/ssh_host_*' \
+    --customize-hook='printf "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin no\n" > "$1/etc/ssh/sshd_config.d/50-kthw.conf"' \
     --customize-hook=': > "$1/etc/machine-id"; rm -f "$1/var/lib/dbus/machine-id"' \
     --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin "$1"/var/log/*.log' \
     --customize-hook='echo kthw > "$1/etc/hostname"' \

@@ -2,8 +2,10 @@
 //! `user-data` (`#cloud-config`). Pure text; [`crate::host::seed`] writes them to disk.
 //!
 //! The node's SSH host key is pre-generated and handed in, so the host key is pinned from
-//! the very first connection: cloud-init installs it (`ssh_keys`), deletes nothing else
-//! and generates nothing (`ssh_genkeytypes: []`).
+//! the very first connection: cloud-init installs it (`ssh_keys`) and deletes nothing.
+//! `ssh_pwauth` is deliberately absent: setting it makes cloud-init restart sshd in its
+//! config stage, after the first login already worked (the image disables password
+//! logins in sshd_config.d instead).
 
 use sha2::{Digest, Sha256};
 
@@ -118,7 +120,6 @@ pub fn render_user_data(plan: &LabPlan, node: &NodePlan, keys: &SeedKeys) -> Str
     y.push_str("manage_etc_hosts: false\n");
     y.push_str("locale: false\n");
     y.push_str("disable_root: true\n");
-    y.push_str("ssh_pwauth: false\n");
     y.push_str("users:\n");
     y.push_str(&format!("  - name: {}\n", q(&plan.ssh_user)));
     y.push_str("    shell: /bin/bash\n");
@@ -127,7 +128,9 @@ pub fn render_user_data(plan: &LabPlan, node: &NodePlan, keys: &SeedKeys) -> Str
     y.push_str("    ssh_authorized_keys:\n");
     y.push_str(&format!("      - {}\n", q(keys.user_public.trim())));
     y.push_str("ssh_deletekeys: false\n");
-    y.push_str("ssh_genkeytypes: []\n");
+    // Only used when `ssh_keys` is absent; ed25519 keeps the schema happy (minItems 1)
+    // and could never replace the given key (cloud-init skips existing key files).
+    y.push_str("ssh_genkeytypes: [ed25519]\n");
     y.push_str("ssh_keys:\n");
     y.push_str(&format!(
         "  ed25519_private: {}",
