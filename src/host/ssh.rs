@@ -346,15 +346,22 @@ pub fn login(t: &SshTarget, io_timeout: Duration) -> Result<ssh2::Session, Login
     Ok(s)
 }
 
-fn exec_raw(s: &ssh2::Session, command: &str) -> Result<(i32, String, String), ssh2::Error> {
-    let mut ch = s.channel_session()?;
-    ch.exec(command)?;
+/// Default bound on one remote command of [`exec`].
+pub const EXEC_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn exec_raw(s: &ssh2::Session, command: &str) -> Result<(i32, String, String), String> {
+    let mut ch = s.channel_session().map_err(|e| e.to_string())?;
+    ch.exec(command).map_err(|e| e.to_string())?;
     let mut out = String::new();
     let mut err = String::new();
-    let _ = ch.read_to_string(&mut out);
-    let _ = ch.stderr().read_to_string(&mut err);
-    ch.wait_close()?;
-    Ok((ch.exit_status()?, out, err))
+    ch.read_to_string(&mut out)
+        .map_err(|e| format!("reading stdout: {e}"))?;
+    ch.stderr()
+        .read_to_string(&mut err)
+        .map_err(|e| format!("reading stderr: {e}"))?;
+    ch.wait_close().map_err(|e| e.to_string())?;
+    let status = ch.exit_status().map_err(|e| e.to_string())?;
+    Ok((status, out, err))
 }
 
 fn tail(s: &str, n: usize) -> String {
@@ -362,12 +369,27 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
-/// Run `command` on a logged-in session; its stdout when it exits 0.
+/// Run `command` on a logged-in session, bounded by [`EXEC_TIMEOUT`]; its stdout when it
+/// exits 0.
 pub fn exec(s: &ssh2::Session, node: &str, command: &str) -> Result<String, SshError> {
-    let (status, out, err) = exec_raw(s, command).map_err(|e| SshError::Session {
+    exec_timeout(s, node, command, EXEC_TIMEOUT)
+}
+
+/// [`exec`] with its own bound on the whole command.
+pub fn exec_timeout(
+    s: &ssh2::Session,
+    node: &str,
+    command: &str,
+    timeout: Duration,
+) -> Result<String, SshError> {
+    let before = s.timeout();
+    s.set_timeout(timeout.as_millis().clamp(1, u32::MAX as u128) as u32);
+    let result = exec_raw(s, command);
+    s.set_timeout(before);
+    let (status, out, err) = result.map_err(|message| SshError::Session {
         node: node.to_string(),
-        what: format!("`{command}`"),
-        message: e.to_string(),
+        what: format!("`{command}` (bound {} s)", timeout.as_secs()),
+        message,
     })?;
     if status != 0 {
         return Err(SshError::Command {
