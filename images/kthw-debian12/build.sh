@@ -8,7 +8,9 @@
 # Writes OUTDIR/disk.qcow2, OUTDIR/vmlinuz, OUTDIR/initrd.img and OUTDIR/manifest.json.
 # Idempotent: when OUTDIR already holds a complete build of this very recipe (same
 # sha256 of this script), it does nothing. Needs root, mmdebstrap, e2fsprogs, qemu-utils.
-# Env: KTHW_MIRROR (default http://deb.debian.org/debian), KTHW_IMAGE_FS_GIB (2).
+# Env: KTHW_MIRROR (default http://deb.debian.org/debian), KTHW_IMAGE_FS_GIB (2),
+# KTHW_APT_CACHE (downloaded .debs kept between builds; default OUTDIR/.apt-cache,
+# "none" to disable).
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -20,6 +22,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 recipe_sha=$(sha256sum "$here/build.sh" | cut -d' ' -f1)
 mirror=${KTHW_MIRROR:-http://deb.debian.org/debian}
 fs_gib=${KTHW_IMAGE_FS_GIB:-2}
+apt_cache=${KTHW_APT_CACHE:-}
 
 for tool in mmdebstrap mkfs.ext4 qemu-img sha256sum; do
     command -v "$tool" >/dev/null || { echo "build.sh: missing program: $tool" >&2; exit 3; }
@@ -35,6 +38,21 @@ if [[ -f $outdir/manifest.json && -f $outdir/disk.qcow2 && -f $outdir/vmlinuz &&
     grep -q "\"recipe_sha256\": \"$recipe_sha\"" "$outdir/manifest.json"; then
     echo "build.sh: $outdir is up to date (recipe $recipe_sha)"
     exit 0
+fi
+
+[[ -z $apt_cache ]] && apt_cache=$outdir/.apt-cache
+cache_opts=()
+if [[ $apt_cache != none ]]; then
+    mkdir -p "$apt_cache"
+    apt_cache=$(cd "$apt_cache" && pwd)
+    # Reuse downloaded packages (mmdebstrap(1), sync-in/sync-out): a rebuild then needs
+    # the mirror only for the package lists.
+    cache_opts=(
+        --skip=essential/unlink
+        --setup-hook="mkdir -p \"\$1/var/cache/apt/archives/\""
+        --setup-hook="sync-in $apt_cache /var/cache/apt/archives/"
+        --customize-hook="sync-out /var/cache/apt/archives $apt_cache"
+    )
 fi
 
 work=$(mktemp -d "$outdir/.build.XXXXXX")
@@ -75,6 +93,7 @@ CFG
 echo "build.sh: mmdebstrap bookworm -> $rootfs"
 mmdebstrap --variant=minbase --mode=root --format=directory \
     --aptopt='Apt::Install-Recommends "false"' \
+    --dpkgopt='force-unsafe-io' \
     --dpkgopt='path-exclude=/usr/share/man/*' \
     --dpkgopt='path-exclude=/usr/share/locale/*' \
     --dpkgopt='path-include=/usr/share/locale/locale.alias' \
@@ -82,6 +101,7 @@ mmdebstrap --variant=minbase --mode=root --format=directory \
     --dpkgopt='path-include=/usr/share/doc/*/copyright' \
     --dpkgopt='path-exclude=/usr/share/info/*' \
     --include="$(IFS=,; echo "${packages[*]}")" \
+    "${cache_opts[@]}" \
     --essential-hook="mkdir -p \"\$1/etc/initramfs-tools/hooks\" && printf '%s\n' '$initramfs_hook' > \"\$1/etc/initramfs-tools/hooks/kthw-virtio\" && chmod 755 \"\$1/etc/initramfs-tools/hooks/kthw-virtio\"" \
     --customize-hook="printf '%s\n' '$cloud_cfg' > \"\$1/etc/cloud/cloud.cfg.d/90-kthw.cfg\"" \
     --customize-hook='printf "/dev/vda / ext4 rw,relatime 0 0\n" > "$1/etc/fstab"' \
@@ -158,4 +178,10 @@ rm -f "$outdir/manifest.json"
 for f in disk.qcow2 vmlinuz initrd.img manifest.json; do
     mv -f "$work/$f" "$outdir/$f"
 done
+if [[ $apt_cache != none ]]; then
+    # Keep only the newest version of each package in the cache.
+    find "$apt_cache" -maxdepth 1 -name '*.deb' -printf '%f\n' | sort -V |
+        awk -F_ '{ if ($1 == prev) print last; prev = $1; last = $0 }' |
+        while read -r old; do rm -f -- "$apt_cache/$old"; done
+fi
 echo "build.sh: done in $((end - start)) s -> $outdir"
