@@ -341,6 +341,34 @@ fn vm_two_nodes_boot_login_and_leave_nothing() {
             t0.elapsed().as_secs()
         );
         assert!(status.contains("status: done"), "{}: {status}", t.node);
+        // cloud-init grew the root filesystem to the overlay's size (resize_rootfs).
+        let size: u64 = exec(&s, &t.node, "df -B1 --output=size / | tail -n1")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            size > (node.disk_gib - 1) << 30,
+            "{}: root filesystem is {size} bytes, disk is {} GiB",
+            t.node,
+            node.disk_gib
+        );
+        let schema = exec(&s, &t.node, "sudo cloud-init schema --system 2>&1 || true").unwrap();
+        println!("{}: cloud-init schema --system: {}", t.node, schema.trim());
+        let units = exec(
+            &s,
+            &t.node,
+            "systemctl --failed --no-legend --plain || true",
+        )
+        .unwrap();
+        println!("{}: failed units: [{}]", t.node, units.trim());
+        let blame = exec(
+            &s,
+            &t.node,
+            "systemd-analyze 2>&1; systemd-analyze blame 2>&1 | head -n 8",
+        )
+        .unwrap();
+        println!("{}: {blame}", t.node);
         println!(
             "{}: hostname, address, mac, /etc/hosts, sudo, ping {} ok",
             t.node, other.name

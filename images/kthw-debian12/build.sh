@@ -155,7 +155,7 @@ cat > "$work/manifest.json" <<JSON
   "suite": "bookworm",
   "boot": "direct-kernel",
   "kernel_version": "$kver",
-  "cmdline": "root=/dev/vda rw console=ttyS0",
+  "cmdline": "root=/dev/vda rw console=ttyS0,115200 net.ifnames=0",
   "recipe_sha256": "$recipe_sha",
   "built_at": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
   "build_seconds": $((end - start)),
