@@ -106,7 +106,7 @@ mmdebstrap --variant=minbase --mode=root --format=directory \
     --customize-hook="printf '%s\n' '$cloud_cfg' > \"\$1/etc/cloud/cloud.cfg.d/90-kthw.cfg\"" \
     --customize-hook='printf "/dev/vda / ext4 rw,relatime 0 0\n" > "$1/etc/fstab"' \
     --customize-hook='chroot "$1" systemctl enable systemd-networkd.service' \
-    --customize-hook='chroot "$1" systemctl mask e2scrub_reap.service e2scrub_all.timer apt-daily.timer apt-daily-upgrade.timer fstrim.timer dpkg-db-backup.timer' \
+    --customize-hook='chroot "$1" systemctl mask e2scrub_reap.service e2scrub_all.timer apt-daily.timer apt-daily-upgrade.timer fstrim.timer dpkg-db-backup.timer systemd-networkd-wait-online.service' \
     --customize-hook='chroot "$1" systemctl disable etcd.service containerd.service' \
     --customize-hook='rm -f "$1"/etc/ssh/ssh_host_*' \
     --customize-hook='printf "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin no\n" > "$1/etc/ssh/sshd_config.d/50-kthw.conf"' \
