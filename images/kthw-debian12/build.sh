@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# Build the offline kthw-lab base image from Debian packages alone (no cloud image
+# download): a plain ext4 filesystem image (no partition table, no bootloader) booted
+# with libvirt direct kernel boot.
+#
+#   images/kthw-debian12/build.sh OUTDIR
+#
+# Writes OUTDIR/disk.qcow2, OUTDIR/vmlinuz, OUTDIR/initrd.img and OUTDIR/manifest.json.
+# Idempotent: when OUTDIR already holds a complete build of this very recipe (same
+# sha256 of this script), it does nothing. Needs root, mmdebstrap, e2fsprogs, qemu-utils.
+# Env: KTHW_MIRROR (default http://deb.debian.org/debian), KTHW_IMAGE_FS_GIB (2),
+# KTHW_APT_CACHE (downloaded .debs kept between builds; default OUTDIR/.apt-cache,
+# "none" to disable).
+set -euo pipefail
+
+if [[ $# -ne 1 ]]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 2
+fi
+outdir=$1
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+recipe_sha=$(sha256sum "$here/build.sh" | cut -d' ' -f1)
+mirror=${KTHW_MIRROR:-http://deb.debian.org/debian}
+fs_gib=${KTHW_IMAGE_FS_GIB:-2}
+apt_cache=${KTHW_APT_CACHE:-}
+
+for tool in mmdebstrap mkfs.ext4 qemu-img sha256sum; do
+    command -v "$tool" >/dev/null || { echo "build.sh: missing program: $tool" >&2; exit 3; }
+done
+if [[ $(id -u) -ne 0 ]]; then
+    echo "build.sh: must run as root (mmdebstrap --mode=root)" >&2
+    exit 3
+fi
+
+mkdir -p "$outdir"
+outdir=$(cd "$outdir" && pwd)
+if [[ -f $outdir/manifest.json && -f $outdir/disk.qcow2 && -f $outdir/vmlinuz && -f $outdir/initrd.img ]] &&
+    grep -q "\"recipe_sha256\": \"$recipe_sha\"" "$outdir/manifest.json"; then
+    echo "build.sh: $outdir is up to date (recipe $recipe_sha)"
+    exit 0
+fi
+
+[[ -z $apt_cache ]] && apt_cache=$outdir/.apt-cache
+cache_opts=()
+if [[ $apt_cache != none ]]; then
+    mkdir -p "$apt_cache"
+    apt_cache=$(cd "$apt_cache" && pwd)
+    # Reuse downloaded packages (mmdebstrap(1), sync-in/sync-out): a rebuild then needs
+    # the mirror only for the package lists.
+    cache_opts=(
+        --skip=essential/unlink
+        --setup-hook="mkdir -p \"\$1/var/cache/apt/archives/\""
+        --setup-hook="sync-in $apt_cache /var/cache/apt/archives/"
+        --customize-hook="sync-out /var/cache/apt/archives $apt_cache"
+    )
+fi
+
+work=$(mktemp -d "$outdir/.build.XXXXXX")
+cleanup() { rm -rf -- "$work"; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+start=$(date +%s)
+
+rootfs=$work/rootfs
+mkdir "$rootfs"
+
+packages=(
+    linux-image-cloud-amd64 initramfs-tools systemd-sysv udev dbus
+    openssh-server sudo iproute2 iputils-ping ca-certificates cloud-init
+    etcd-server etcd-client containerd runc containernetworking-plugins
+    conntrack socat iptables ipset kmod procps e2fsprogs
+)
+
+# Modules the guest needs before its root is mounted. A hook (not a conffile of any
+# package) so it is in place when the kernel's postinst first runs mkinitramfs.
+read -r -d '' initramfs_hook <<'HOOK' || true
+#!/bin/sh
+[ "$1" = prereqs ] && exit 0
+. /usr/share/initramfs-tools/hook-functions
+manual_add_modules virtio_pci virtio_blk virtio_net virtio_console ext4 vfat nls_cp437 nls_ascii
+HOOK
+
+# cloud-init: only the NoCloud seed, network written for systemd-networkd.
+read -r -d '' cloud_cfg <<'CFG' || true
+datasource_list: [NoCloud, None]
+system_info:
+  network:
+    renderers: [networkd]
+locale: false
+resize_rootfs: noblock
+CFG
+
+echo "build.sh: mmdebstrap bookworm -> $rootfs"
+mmdebstrap --variant=minbase --mode=root --format=directory \
+    --aptopt='Apt::Install-Recommends "false"' \
+    --dpkgopt='force-unsafe-io' \
+    --dpkgopt='path-exclude=/usr/share/man/*' \
+    --dpkgopt='path-exclude=/usr/share/locale/*' \
+    --dpkgopt='path-include=/usr/share/locale/locale.alias' \
+    --dpkgopt='path-exclude=/usr/share/doc/*' \
+    --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+    --dpkgopt='path-exclude=/usr/share/info/*' \
+    --include="$(IFS=,; echo "${packages[*]}")" \
+    "${cache_opts[@]}" \
+    --essential-hook="mkdir -p \"\$1/etc/initramfs-tools/hooks\" && printf '%s\n' '$initramfs_hook' > \"\$1/etc/initramfs-tools/hooks/kthw-virtio\" && chmod 755 \"\$1/etc/initramfs-tools/hooks/kthw-virtio\"" \
+    --customize-hook="printf '%s\n' '$cloud_cfg' > \"\$1/etc/cloud/cloud.cfg.d/90-kthw.cfg\"" \
+    --customize-hook='printf "/dev/vda / ext4 rw,relatime 0 0\n" > "$1/etc/fstab"' \
+    --customize-hook='chroot "$1" systemctl enable systemd-networkd.service' \
+    --customize-hook='chroot "$1" systemctl mask e2scrub_reap.service e2scrub_all.timer apt-daily.timer apt-daily-upgrade.timer fstrim.timer dpkg-db-backup.timer systemd-networkd-wait-online.service' \
+    --customize-hook='chroot "$1" systemctl disable etcd.service containerd.service' \
+    --customize-hook='rm -f "$1"/etc/ssh/ssh_host_*' \
+    --customize-hook='printf "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin no\n" > "$1/etc/ssh/sshd_config.d/50-kthw.conf"' \
+    --customize-hook=': > "$1/etc/machine-id"; rm -f "$1/var/lib/dbus/machine-id"' \
+    --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin "$1"/var/log/*.log' \
+    --customize-hook='echo kthw > "$1/etc/hostname"' \
+    bookworm "$rootfs" "$mirror"
+debootstrap_done=$(date +%s)
+
+kernel=$(find "$rootfs/boot" -maxdepth 1 -name 'vmlinuz-*' | sort | tail -n1)
+initrd=$(find "$rootfs/boot" -maxdepth 1 -name 'initrd.img-*' | sort | tail -n1)
+[[ -n $kernel && -n $initrd ]] || { echo "build.sh: no kernel or initrd in $rootfs/boot" >&2; exit 1; }
+kver=${kernel##*/vmlinuz-}
+in_initrd=$(chroot "$rootfs" lsinitramfs "/boot/${initrd##*/}")
+for m in virtio_blk virtio_net ext4 vfat; do
+    if ! grep -q "/$m\.ko" <<<"$in_initrd" &&
+        ! grep -q "/$m\.ko\$" "$rootfs/lib/modules/$kver/modules.builtin"; then
+        echo "build.sh: module $m is neither in the initrd nor built into $kver" >&2
+        exit 1
+    fi
+done
+cp "$kernel" "$work/vmlinuz"
+cp "$initrd" "$work/initrd.img"
+chmod 0644 "$work/vmlinuz" "$work/initrd.img"
+
+version() { chroot "$rootfs" dpkg-query -W -f='${Version}' "$1" 2>/dev/null || echo unknown; }
+versions=""
+for p in linux-image-cloud-amd64 systemd openssh-server cloud-init etcd-server containerd runc containernetworking-plugins iptables; do
+    versions+="    \"$p\": \"$(version "$p")\","$'\n'
+done
+versions=${versions%,$'\n'}
+
+echo "build.sh: mkfs.ext4 -d (${fs_gib} GiB sparse) + qemu-img convert"
+truncate -s "${fs_gib}G" "$work/disk.raw"
+mkfs.ext4 -q -F -L kthw-root -E lazy_itable_init=1,lazy_journal_init=1 -d "$rootfs" "$work/disk.raw"
+rootfs_mib=$(du -sm "$rootfs" | cut -f1)
+rm -rf -- "$rootfs"
+qemu-img convert -f raw -O qcow2 "$work/disk.raw" "$work/disk.qcow2"
+rm -f "$work/disk.raw"
+end=$(date +%s)
+
+size() { stat -c %s "$1"; }
+cat > "$work/manifest.json" <<JSON
+{
+  "name": "kthw-debian12",
+  "suite": "bookworm",
+  "boot": "direct-kernel",
+  "kernel_version": "$kver",
+  "cmdline": "root=/dev/vda rw console=ttyS0,115200 net.ifnames=0",
+  "recipe_sha256": "$recipe_sha",
+  "built_at": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
+  "build_seconds": $((end - start)),
+  "mmdebstrap_seconds": $((debootstrap_done - start)),
+  "rootfs_mib": $rootfs_mib,
+  "filesystem_gib": $fs_gib,
+  "sizes": {
+    "disk.qcow2": $(size "$work/disk.qcow2"),
+    "vmlinuz": $(size "$work/vmlinuz"),
+    "initrd.img": $(size "$work/initrd.img")
+  },
+  "versions": {
+$versions
+  }
+}
+JSON
+
+# Publish: manifest last, so a complete manifest means a complete build.
+rm -f "$outdir/manifest.json"
+for f in disk.qcow2 vmlinuz initrd.img manifest.json; do
+    mv -f "$work/$f" "$outdir/$f"
+done
+if [[ $apt_cache != none ]]; then
+    # Keep only the newest version of each package in the cache.
+    find "$apt_cache" -maxdepth 1 -name '*.deb' -printf '%f\n' | sort -V |
+        awk -F_ '{ if ($1 == prev) print last; prev = $1; last = $0 }' |
+        while read -r old; do rm -f -- "$apt_cache/$old"; done
+fi
+echo "build.sh: done in $((end - start)) s -> $outdir"

@@ -1,0 +1,439 @@
+//! The hypervisor seam: a coarse trait in domain terms and its real implementation
+//! over libvirt (`virt` crate). Lab domains are found by the ownership marker in their
+//! `<metadata>` (see [`crate::render::domain`]), never by name.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use quick_xml::events::Event;
+use quick_xml::name::ResolveResult;
+use quick_xml::NsReader;
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::error::ErrorNumber;
+
+use crate::render::domain::METADATA_NS;
+
+/// libvirt's URI for the system qemu driver.
+pub const DEFAULT_URI: &str = "qemu:///system";
+
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("cannot connect to libvirt at {uri}: {message}")]
+    Connect { uri: String, message: String },
+    #[error("libvirt {op} of `{resource}` failed: {message}")]
+    Libvirt {
+        op: &'static str,
+        resource: String,
+        message: String,
+    },
+    #[error("invalid domain xml: {what}")]
+    BadXml { what: String },
+    #[error("domain `{name}` exists but does not belong to lab `{lab}` ({found})")]
+    NotOurs {
+        name: String,
+        lab: String,
+        found: String,
+    },
+    #[error("cannot remove {path} of domain `{domain}`")]
+    Cleanup {
+        domain: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl HypervisorError {
+    pub fn hint(&self) -> String {
+        match self {
+            HypervisorError::Connect { uri, .. } => format!(
+                "start libvirt (`virtlogd -d; libvirtd -d` without systemd) or pass another --connect than {uri}; tests run it privately via scripts/netns-run"
+            ),
+            HypervisorError::Libvirt { resource, .. } => format!(
+                "see `virsh dumpxml {resource}` and /var/log/libvirt/qemu/{resource}.log"
+            ),
+            HypervisorError::BadXml { .. } => "this is a bug in kthw-lab: please report it".into(),
+            HypervisorError::NotOurs { name, .. } => format!(
+                "another lab or tool owns `{name}`: rename this lab or remove that domain yourself (virsh undefine {name})"
+            ),
+            HypervisorError::Cleanup { path, .. } => {
+                format!("remove {} by hand and run destroy again", path.display())
+            }
+        }
+    }
+}
+
+/// A domain's run state, as far as the lab cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DomainState {
+    Running,
+    Paused,
+    ShutOff,
+    Other(String),
+}
+
+/// The ownership marker of a lab domain.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Marker {
+    pub lab: String,
+    pub role: String,
+    pub node: String,
+    pub digest: String,
+}
+
+/// A lab domain found by its marker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainInfo {
+    pub name: String,
+    pub marker: Marker,
+    pub state: DomainState,
+    /// Source files of its disks (the node's overlay and seed).
+    pub disk_files: Vec<PathBuf>,
+}
+
+/// What [`Hypervisor::ensure_domain`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefineOutcome {
+    Defined,
+    /// The persistent definition changed; a running domain sees it after its next start.
+    Updated,
+    Unchanged,
+}
+
+/// Side effects on the hypervisor, in lab terms. Every method is idempotent.
+pub trait Hypervisor: Send + Sync {
+    /// Define the domain when absent or when its definition differs.
+    fn ensure_domain(&self, xml: &str) -> Result<DefineOutcome, HypervisorError>;
+    /// Start a defined domain; fine when it already runs.
+    fn start(&self, name: &str) -> Result<(), HypervisorError>;
+    /// Every domain whose metadata marks it as part of `lab`.
+    fn list_lab_domains(&self, lab: &str) -> Result<Vec<DomainInfo>, HypervisorError>;
+    /// Stop and forget a domain; fine when it is already gone.
+    fn destroy_and_undefine(&self, name: &str) -> Result<(), HypervisorError>;
+    /// `None` when no such domain exists.
+    fn state(&self, name: &str) -> Result<Option<DomainState>, HypervisorError>;
+}
+
+/// What a domain XML says about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ParsedDomain {
+    pub name: String,
+    pub marker: Option<Marker>,
+    pub disk_files: Vec<PathBuf>,
+}
+
+/// Read name, ownership marker and disk source files out of a domain XML (pure).
+pub fn parse_domain_xml(xml: &str) -> Result<ParsedDomain, HypervisorError> {
+    let bad = |what: String| HypervisorError::BadXml { what };
+    let mut r = NsReader::from_str(xml);
+    let mut path: Vec<String> = Vec::new();
+    let mut out = ParsedDomain::default();
+    loop {
+        let (ns, ev) = r.read_resolved_event().map_err(|e| bad(e.to_string()))?;
+        let ours = matches!(ns, ResolveResult::Bound(n) if n.0 == METADATA_NS);
+        match ev {
+            Event::Start(ref e) | Event::Empty(ref e) => {
+                let local = e.local_name().as_ref().to_string();
+                let attr = |k: &str| -> Result<String, HypervisorError> {
+                    match e.try_get_attribute(k).map_err(|x| bad(x.to_string()))? {
+                        Some(a) => Ok(a
+                            .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                            .map_err(|x| bad(x.to_string()))?
+                            .into_owned()),
+                        None => Ok(String::new()),
+                    }
+                };
+                let parent = path.join("/");
+                if ours && local == "lab" && parent == "domain/metadata" {
+                    out.marker = Some(Marker {
+                        lab: attr("name")?,
+                        role: attr("role")?,
+                        node: attr("node")?,
+                        digest: attr("digest")?,
+                    });
+                }
+                if local == "source" && parent == "domain/devices/disk" {
+                    let f = attr("file")?;
+                    if !f.is_empty() {
+                        out.disk_files.push(PathBuf::from(f));
+                    }
+                }
+                if matches!(ev, Event::Start(_)) {
+                    path.push(local);
+                }
+            }
+            Event::Text(ref t) if path.join("/") == "domain/name" => {
+                out.name = quick_xml::escape::unescape(t.as_ref())
+                    .map_err(|e| bad(e.to_string()))?
+                    .trim()
+                    .to_string();
+            }
+            Event::End(_) => {
+                path.pop();
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    if out.name.is_empty() {
+        return Err(bad("no <name>".into()));
+    }
+    Ok(out)
+}
+
+/// The real hypervisor: one libvirt connection (thread-safe).
+pub struct Libvirt {
+    conn: Connect,
+    uri: String,
+}
+
+fn is_no_domain(e: &virt::error::Error) -> bool {
+    e.code() == virt::error::ErrorNumberEnum::Known(ErrorNumber::NoDomain)
+}
+
+impl Libvirt {
+    /// Connect to `uri` (`None` = [`DEFAULT_URI`]); `test:///default` needs no daemon.
+    pub fn connect(uri: Option<&str>) -> Result<Libvirt, HypervisorError> {
+        let uri = uri.unwrap_or(DEFAULT_URI).to_string();
+        // Errors come back as values; keep libvirt from also printing them to stderr.
+        virt::error::clear_error_callback();
+        let conn = Connect::open(Some(&uri)).map_err(|e| HypervisorError::Connect {
+            uri: uri.clone(),
+            message: e.message().to_string(),
+        })?;
+        Ok(Libvirt { conn, uri })
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    fn err(op: &'static str, resource: &str) -> impl FnOnce(virt::error::Error) -> HypervisorError {
+        let resource = resource.to_string();
+        move |e| HypervisorError::Libvirt {
+            op,
+            resource,
+            message: e.message().to_string(),
+        }
+    }
+
+    fn lookup(&self, name: &str) -> Result<Option<Domain>, HypervisorError> {
+        match self.conn.lookup_domain_by_name(name) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if is_no_domain(&e) => Ok(None),
+            Err(e) => Err(Self::err("lookup", name)(e)),
+        }
+    }
+
+    fn inactive_xml(d: &Domain, name: &str) -> Result<String, HypervisorError> {
+        d.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+            .map_err(Self::err("dumpxml", name))
+    }
+
+    fn state_of(d: &Domain, name: &str) -> Result<DomainState, HypervisorError> {
+        use virt::domain::DomainState as S;
+        use virt::enumutil::Enum;
+        let (state, _) = d.state().map_err(Self::err("state", name))?;
+        Ok(match state {
+            Enum::Known(S::Running) | Enum::Known(S::Blocked) => DomainState::Running,
+            Enum::Known(S::Paused) | Enum::Known(S::PMSuspended) => DomainState::Paused,
+            Enum::Known(S::Shutoff) => DomainState::ShutOff,
+            other => DomainState::Other(format!("{other:?}")),
+        })
+    }
+}
+
+impl Hypervisor for Libvirt {
+    fn ensure_domain(&self, xml: &str) -> Result<DefineOutcome, HypervisorError> {
+        let new = parse_domain_xml(xml)?;
+        let Some(marker) = &new.marker else {
+            return Err(HypervisorError::BadXml {
+                what: format!("domain `{}` carries no kthw-lab metadata marker", new.name),
+            });
+        };
+        let outcome = match self.lookup(&new.name)? {
+            None => DefineOutcome::Defined,
+            Some(d) => {
+                let old = parse_domain_xml(&Self::inactive_xml(&d, &new.name)?)?;
+                match &old.marker {
+                    Some(m) if m.lab == marker.lab => {
+                        if m.digest == marker.digest && !m.digest.is_empty() {
+                            return Ok(DefineOutcome::Unchanged);
+                        }
+                        DefineOutcome::Updated
+                    }
+                    other => {
+                        return Err(HypervisorError::NotOurs {
+                            name: new.name.clone(),
+                            lab: marker.lab.clone(),
+                            found: match other {
+                                Some(m) => format!("it belongs to lab `{}`", m.lab),
+                                None => "it has no kthw-lab marker".into(),
+                            },
+                        })
+                    }
+                }
+            }
+        };
+        self.conn
+            .define_domain_xml(xml)
+            .map_err(Self::err("define", &new.name))?;
+        Ok(outcome)
+    }
+
+    fn start(&self, name: &str) -> Result<(), HypervisorError> {
+        let d = self.lookup(name)?.ok_or_else(|| HypervisorError::Libvirt {
+            op: "start",
+            resource: name.to_string(),
+            message: "no such domain".into(),
+        })?;
+        if d.is_active().map_err(Self::err("start", name))? {
+            return Ok(());
+        }
+        d.create().map_err(Self::err("start", name))?;
+        Ok(())
+    }
+
+    fn list_lab_domains(&self, lab: &str) -> Result<Vec<DomainInfo>, HypervisorError> {
+        let all = self
+            .conn
+            .list_all_domains(0)
+            .map_err(Self::err("list domains", &self.uri))?;
+        let mut out = Vec::new();
+        for d in all {
+            let name = match d.name() {
+                Ok(n) => n,
+                Err(e) if is_no_domain(&e) => continue,
+                Err(e) => return Err(Self::err("name", "domain")(e)),
+            };
+            let xml = match d.xml_desc(0) {
+                Ok(x) => x,
+                // Gone between listing and reading: not ours to report.
+                Err(e) if is_no_domain(&e) => continue,
+                Err(e) => return Err(Self::err("dumpxml", &name)(e)),
+            };
+            let parsed = parse_domain_xml(&xml)?;
+            let Some(marker) = parsed.marker else {
+                continue;
+            };
+            if marker.lab != lab {
+                continue;
+            }
+            out.push(DomainInfo {
+                state: Self::state_of(&d, &name)?,
+                name,
+                marker,
+                disk_files: parsed.disk_files,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn destroy_and_undefine(&self, name: &str) -> Result<(), HypervisorError> {
+        let Some(d) = self.lookup(name)? else {
+            return Ok(());
+        };
+        match d.is_active() {
+            Ok(true) => match d.destroy() {
+                Ok(()) => {}
+                Err(e) if is_no_domain(&e) => return Ok(()),
+                Err(e)
+                    if e.code()
+                        == virt::error::ErrorNumberEnum::Known(ErrorNumber::OperationInvalid) => {}
+                Err(e) => return Err(Self::err("destroy", name)(e)),
+            },
+            Ok(false) => {}
+            Err(e) if is_no_domain(&e) => return Ok(()),
+            Err(e) => return Err(Self::err("destroy", name)(e)),
+        }
+        let r = d
+            .undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_NVRAM)
+            .or_else(|_| d.undefine());
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if is_no_domain(&e) => Ok(()),
+            Err(e) => Err(Self::err("undefine", name)(e)),
+        }
+    }
+
+    fn state(&self, name: &str) -> Result<Option<DomainState>, HypervisorError> {
+        match self.lookup(name)? {
+            None => Ok(None),
+            Some(d) => Ok(Some(Self::state_of(&d, name)?)),
+        }
+    }
+}
+
+/// Start every named domain concurrently. Errors are returned per domain, in order.
+pub fn start_all(hv: &dyn Hypervisor, names: &[String]) -> Vec<Result<(), HypervisorError>> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = names.iter().map(|n| s.spawn(move || hv.start(n))).collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("start thread panicked"))
+            .collect()
+    })
+}
+
+/// What [`remove_lab`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoveReport {
+    pub domains: Vec<String>,
+    pub files: Vec<PathBuf>,
+}
+
+fn remove_file(domain: &str, path: &Path) -> Result<bool, HypervisorError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(HypervisorError::Cleanup {
+            domain: domain.to_string(),
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Remove everything carrying `lab`'s marker, in parallel: destroy, undefine, and delete the
+/// disk files the domain referenced (its overlay and seed). `extra_files` (e.g. the plan's
+/// overlays and seeds of nodes whose domain was never defined) are deleted too.
+/// Fine when already gone; safe to run twice.
+pub fn remove_lab(
+    hv: &dyn Hypervisor,
+    lab: &str,
+    extra_files: &[PathBuf],
+) -> Result<RemoveReport, HypervisorError> {
+    let domains = hv.list_lab_domains(lab)?;
+    let results: Vec<Result<Vec<PathBuf>, HypervisorError>> = std::thread::scope(|s| {
+        let hs: Vec<_> = domains
+            .iter()
+            .map(|d| {
+                s.spawn(move || {
+                    hv.destroy_and_undefine(&d.name)?;
+                    let mut removed = Vec::new();
+                    for f in &d.disk_files {
+                        if remove_file(&d.name, f)? {
+                            removed.push(f.clone());
+                        }
+                    }
+                    Ok(removed)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("remove thread panicked"))
+            .collect()
+    });
+    let mut report = RemoveReport::default();
+    for (d, r) in domains.iter().zip(results) {
+        report.files.extend(r?);
+        report.domains.push(d.name.clone());
+    }
+    for f in extra_files {
+        if remove_file(lab, f)? {
+            report.files.push(f.clone());
+        }
+    }
+    Ok(report)
+}
