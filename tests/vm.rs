@@ -16,6 +16,7 @@
 
 #[path = "boot_fixture.rs"]
 mod fixture;
+mod support;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -43,10 +44,12 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| repo().join("target"))
 }
 
+/// The offline image in the shared test cache (built once by whichever test needs it
+/// first; `support::shared_image` builds it before entering the namespace).
 fn image_dir() -> PathBuf {
     std::env::var_os("KTHW_IMAGE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| target_dir().join("kthw-image"))
+        .expect("KTHW_IMAGE_DIR is set by enter()")
 }
 
 /// Outside: check prerequisites, build the image, and re-run `test` inside netns-run.
@@ -82,18 +85,7 @@ fn enter(test: &str) -> bool {
             "KTHW_VM_TESTS=1 but {tool} is missing: apt-get install --no-install-recommends {pkg}"
         );
     }
-    let dir = image_dir();
-    let t = Instant::now();
-    let st = Command::new(repo().join("images/kthw-debian12/build.sh"))
-        .arg(&dir)
-        .status()
-        .expect("run images/kthw-debian12/build.sh");
-    assert!(st.success(), "image build failed ({st})");
-    println!(
-        "image ready in {} s at {}",
-        t.elapsed().as_secs(),
-        dir.display()
-    );
+    let dir = support::shared_image();
     let exe = std::env::current_exe().unwrap();
     let st = Command::new(repo().join("scripts/netns-run"))
         .arg(exe)

@@ -26,6 +26,9 @@ pub fn actions(_plan: &LabPlan, opts: &PhaseOptions) -> Vec<Box<dyn Action>> {
             net: LinuxNet::new(&opts.state_dir),
         }),
         Box::new(ImagePhase { opts: opts.clone() }),
+        Box::new(DisksPhase { opts: opts.clone() }),
+        Box::new(DomainsPhase { opts: opts.clone() }),
+        Box::new(WaitSshPhase),
         Box::new(PkiPhase),
         Box::new(LbPhase),
     ]
@@ -135,6 +138,9 @@ pub fn removers(opts: &PhaseOptions) -> Vec<Box<dyn Remover>> {
     vec![
         Box::new(LbRemover {
             state_dir: opts.state_dir.clone(),
+        }),
+        Box::new(DomainsRemover {
+            connect: opts.connect.clone(),
         }),
         Box::new(NetworkRemover {
             net: LinuxNet::new(&opts.state_dir),
@@ -356,5 +362,245 @@ impl Remover for LbRemover {
             .into_iter()
             .map(|p| format!("process {p}"))
             .collect())
+    }
+}
+
+/// Map a module error with a `hint()` into a provisioning error.
+fn provision<E: std::error::Error + Send + Sync + 'static>(
+    what: String,
+    hint: String,
+    e: E,
+) -> Error {
+    Error::Provision {
+        what,
+        hint,
+        source: Some(Box::new(e)),
+    }
+}
+
+fn connect_hypervisor(uri: &str) -> Result<crate::host::libvirt::Libvirt> {
+    crate::host::libvirt::Libvirt::connect(Some(uri))
+        .map_err(|e| provision(format!("cannot reach libvirt at {uri}"), e.hint(), e))
+}
+
+/// Per-node overlays on the cached base image, and their cloud-init seeds. The
+/// lab's SSH keys (user key and one pinned host key per node) are made here once.
+struct DisksPhase {
+    opts: PhaseOptions,
+}
+
+impl Action for DisksPhase {
+    fn phase(&self) -> Phase {
+        Phase::Disks
+    }
+
+    fn run(&self, cx: &RunCtx) -> Result<()> {
+        use crate::host::{disks, seed, ssh};
+        let img = lab_image(cx.plan, &self.opts, CacheProgress::Lines)?;
+        let keys = ssh::ensure_lab_keys(cx.plan)
+            .map_err(|e| provision("the lab's ssh keys".into(), e.hint(), e))?;
+        for dir in [
+            &cx.plan.paths.disks,
+            &cx.plan.paths.seeds,
+            &cx.plan.paths.console,
+        ] {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::with_source(format!("cannot create {}", dir.display()), e))?;
+        }
+        for n in &cx.plan.nodes {
+            cx.check_cancel(Phase::Disks)?;
+            let line = cx.progress.line(&n.name, "overlay and seed");
+            let outcome = disks::ensure_overlay(&img.disk, &n.disk_path, n.disk_gib)
+                .map_err(|e| provision(format!("overlay for node `{}`", n.name), e.hint(), e))?;
+            disks::check_image(&n.disk_path)
+                .map_err(|e| provision(format!("overlay for node `{}`", n.name), e.hint(), e))?;
+            let seed_keys = keys.seed_keys(&n.name).ok_or_else(|| {
+                Error::other(format!("no host key was made for node `{}`", n.name))
+            })?;
+            let files = crate::render::cloudinit::render_seed(cx.plan, n, &seed_keys);
+            seed::write_seed(&n.seed_path, &files)
+                .map_err(|e| provision(format!("seed for node `{}`", n.name), e.hint(), e))?;
+            line.done(&format!("{outcome:?}").to_lowercase());
+        }
+        Ok(())
+    }
+}
+
+/// libvirt domains from the plan, defined (or updated) and started together.
+struct DomainsPhase {
+    opts: PhaseOptions,
+}
+
+impl Action for DomainsPhase {
+    fn phase(&self) -> Phase {
+        Phase::Domains
+    }
+
+    fn run(&self, cx: &RunCtx) -> Result<()> {
+        use crate::cache::BootMethod;
+        use crate::host::{accel, libvirt};
+        use crate::render::domain::{render_domain, Boot, DomainOptions, SeedKind};
+        let img = lab_image(cx.plan, &self.opts, CacheProgress::Lines)?;
+        let choice = accel::decide(cx.plan.accelerator, accel::probe());
+        if let Some(w) = &choice.warning {
+            cx.progress.println(&format!("warning: {w}"));
+        }
+        cx.note("accelerator", choice.accel.domain_type());
+        let boot = match img.boot {
+            BootMethod::DirectKernel => Boot::DirectKernel {
+                kernel: img.kernel.clone().ok_or_else(|| {
+                    Error::other(format!(
+                        "image `{}` boots its kernel directly but has none",
+                        img.name
+                    ))
+                })?,
+                initrd: img.initrd.clone().ok_or_else(|| {
+                    Error::other(format!(
+                        "image `{}` boots its kernel directly but has no initrd",
+                        img.name
+                    ))
+                })?,
+                extra_cmdline: String::new(),
+            },
+            BootMethod::Firmware => Boot::Firmware,
+        };
+        let opts = DomainOptions {
+            accel: choice.accel,
+            boot,
+            seed: SeedKind::Fat,
+        };
+        let hv = connect_hypervisor(&self.opts.connect)?;
+        let mut names = Vec::new();
+        for n in &cx.plan.nodes {
+            let xml = render_domain(cx.plan, n, &opts)
+                .map_err(|e| provision(format!("domain XML for node `{}`", n.name), e.hint(), e))?;
+            libvirt::Hypervisor::ensure_domain(&hv, &xml)
+                .map_err(|e| provision(format!("domain of node `{}`", n.name), e.hint(), e))?;
+            names.push(n.domain.clone());
+        }
+        cx.check_cancel(Phase::Domains)?;
+        let line = cx
+            .progress
+            .line("domains", &format!("starting {} domain(s)", names.len()));
+        for (name, r) in names.iter().zip(libvirt::start_all(&hv, &names)) {
+            r.map_err(|e| provision(format!("cannot start domain {name}"), e.hint(), e))?;
+        }
+        line.done(&format!(
+            "{} running ({})",
+            names.len(),
+            choice.accel.domain_type()
+        ));
+        Ok(())
+    }
+}
+
+/// Every node accepts a real SSH login with its pinned host key.
+struct WaitSshPhase;
+
+/// How long to wait for first boot: TCG emulation is slow, and several guests
+/// share the host's cores.
+fn ssh_timeout(plan: &LabPlan) -> std::time::Duration {
+    let per_node = if crate::host::accel::decide(plan.accelerator, crate::host::accel::probe())
+        .accel
+        == crate::host::accel::Accel::Kvm
+    {
+        60
+    } else {
+        120
+    };
+    std::time::Duration::from_secs(180 + per_node * plan.nodes.len() as u64)
+}
+
+impl Action for WaitSshPhase {
+    fn phase(&self) -> Phase {
+        Phase::WaitSsh
+    }
+
+    fn run(&self, cx: &RunCtx) -> Result<()> {
+        use crate::host::ssh;
+        let keys = ssh::ensure_lab_keys(cx.plan)
+            .map_err(|e| provision("the lab's ssh keys".into(), e.hint(), e))?;
+        let targets = ssh::targets(cx.plan, &keys);
+        let lines: std::collections::BTreeMap<String, super::Line> = targets
+            .iter()
+            .map(|t| (t.node.clone(), cx.progress.line(&t.node, "waiting for ssh")))
+            .collect();
+        let report = |msg: &str| {
+            if let Some((node, rest)) = msg.split_once(": ") {
+                if let Some(l) = lines.get(node) {
+                    l.set(rest);
+                    return;
+                }
+            }
+            cx.progress.println(msg);
+        };
+        match ssh::wait_for_all(&targets, ssh_timeout(cx.plan), &report) {
+            Ok(times) => {
+                let mut lines = lines;
+                for (node, took) in times {
+                    if let Some(l) = lines.remove(&node) {
+                        l.done(&format!("ssh login ok after {:.0} s", took.as_secs_f64()));
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                for (_, l) in lines {
+                    l.fail("no login");
+                }
+                Err(Error::Boot {
+                    what: e.to_string(),
+                    hint: e.hint(),
+                })
+            }
+        }
+    }
+}
+
+/// The lab's domains, found by their metadata marker, with their overlays and seeds.
+struct DomainsRemover {
+    connect: String,
+}
+
+fn plan_files(plan: Option<&LabPlan>) -> Vec<PathBuf> {
+    plan.map(|p| {
+        p.nodes
+            .iter()
+            .flat_map(|n| [n.disk_path.clone(), n.seed_path.clone()])
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+impl Remover for DomainsRemover {
+    fn what(&self) -> &'static str {
+        "domains"
+    }
+
+    fn remove(&self, lab: &str, plan: Option<&LabPlan>) -> Result<Vec<String>> {
+        let hv = connect_hypervisor(&self.connect)?;
+        let r = crate::host::libvirt::remove_lab(&hv, lab, &plan_files(plan))
+            .map_err(|e| provision(format!("domains of lab `{lab}`"), e.hint(), e))?;
+        let mut out = r.domains.clone();
+        if !r.files.is_empty() {
+            out.push(format!("{} disk and seed file(s)", r.files.len()));
+        }
+        Ok(out)
+    }
+
+    fn residue(&self, lab: &str, plan: Option<&LabPlan>) -> Result<Vec<String>> {
+        let hv = connect_hypervisor(&self.connect)?;
+        let mut out: Vec<String> = crate::host::libvirt::Hypervisor::list_lab_domains(&hv, lab)
+            .map_err(|e| provision(format!("domains of lab `{lab}`"), e.hint(), e))?
+            .into_iter()
+            .map(|d| format!("domain {}", d.name))
+            .collect();
+        out.extend(
+            plan_files(plan)
+                .into_iter()
+                .filter(|f| f.exists())
+                .map(|f| format!("file {}", f.display())),
+        );
+        Ok(out)
     }
 }

@@ -54,11 +54,13 @@ pub fn read_plan(state_dir: &Path, lab: &str) -> std::io::Result<Option<crate::p
     }
 }
 
-/// Record a plan before the first side effect (lab dir 0700).
+/// Record a plan before the first side effect. The lab dir is 0711: qemu runs as
+/// its own user under qemu:///system and must reach the disks, seeds and console
+/// logs below it; keys and certificates sit in 0700 directories of their own.
 pub fn record_plan(plan: &crate::plan::LabPlan) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(&plan.paths.root)?;
-    std::fs::set_permissions(&plan.paths.root, std::fs::Permissions::from_mode(0o700))?;
+    std::fs::set_permissions(&plan.paths.root, std::fs::Permissions::from_mode(0o711))?;
     crate::actions::journal::write_atomic(&plan.paths.plan, plan.to_json().as_bytes(), 0o600)
 }
 

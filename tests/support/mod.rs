@@ -81,3 +81,35 @@ impl Drop for Netns {
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// A state dir shared by the real-VM tests so the offline image is built once (the
+/// cache's lock makes concurrent tests wait for one build rather than run two).
+pub fn shared_state() -> PathBuf {
+    target_dir().join("kthw-test-state")
+}
+
+/// Build (or reuse) the offline image in the shared cache; returns its directory.
+pub fn shared_image() -> PathBuf {
+    let catalog = kthw_lab::cache::Catalog::load(&[root()]).expect("catalog");
+    let t = std::time::Instant::now();
+    let img = kthw_lab::cache::blocking::ensure_image(
+        &catalog,
+        "kthw-debian12",
+        &shared_state(),
+        kthw_lab::cache::Progress::Lines,
+    )
+    .unwrap_or_else(|e| panic!("offline image: {e}\nhint: {}", e.hint()));
+    println!(
+        "image {} in {:.0} s at {}",
+        if img.fetched { "built" } else { "reused" },
+        t.elapsed().as_secs_f64(),
+        img.dir.display()
+    );
+    img.dir
+}
