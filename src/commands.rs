@@ -43,8 +43,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Start { .. } => not_yet("start", 8),
         Command::Stop { .. } => not_yet("stop", 8),
         Command::List { output } => cmd_list(output, &state_dir),
-        Command::Status { .. } => not_yet("status", 8),
-        Command::Ssh { .. } => not_yet("ssh", 8),
+        Command::Status {
+            lab,
+            output,
+            connect,
+        } => cmd_status(&lab, output, &connect.connect, &state_dir),
+        Command::Ssh { lab, node, command } => cmd_ssh(&lab, &node, &command, &state_dir),
         Command::Kubeconfig { lab, write } => cmd_kubeconfig(&lab, write.as_deref(), &state_dir),
         Command::Logs { lab, node } => cmd_logs(&lab, &node, &state_dir),
         Command::Lb { command } => match command {
@@ -607,4 +611,85 @@ fn cmd_lb_status(lab: &str, output: StatusOutput, state_dir: &Path) -> Result<()
     };
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
     Ok(())
+}
+
+fn cmd_status(lab: &str, output: StatusOutput, connect: &str, state_dir: &Path) -> Result<()> {
+    let plan = saved_plan(state_dir, lab)?;
+    let journal: Journal = std::fs::read(&plan.paths.journal)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| Journal::open(&plan.paths.journal, lab, "").expect("a new journal"));
+    let st = actions::status::collect(&plan, &journal, connect);
+    let text = match output {
+        StatusOutput::Table => actions::status::render_table(&st),
+        StatusOutput::Json => {
+            let mut s = serde_json::to_string_pretty(&st).expect("status serializes");
+            s.push('\n');
+            s
+        }
+    };
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    if st.ok() {
+        Ok(())
+    } else {
+        Err(Error::Other {
+            what: format!("lab `{lab}` is not fully up"),
+            hint: Some(format!(
+                "the table says what is down; `kthw-lab logs {lab} NODE` shows a node's console, and running create again repairs what it can"
+            )),
+            source: None,
+        })
+    }
+}
+
+/// `ssh LAB NODE [-- CMD]`: the system's ssh client with the lab's key and the
+/// node's pinned host key (no trust-on-first-use prompt).
+fn cmd_ssh(lab: &str, node: &str, command: &[String], state_dir: &Path) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let plan = saved_plan(state_dir, lab)?;
+    let Some(n) = plan.node(node) else {
+        let names: Vec<&str> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
+        return Err(Error::Other {
+            what: format!("lab `{lab}` has no node `{node}`"),
+            hint: Some(format!("its nodes: {}", names.join(", "))),
+            source: None,
+        });
+    };
+    let key = crate::host::ssh::user_key_path(&plan);
+    let known = plan.paths.ssh.join("known_hosts");
+    if !key.exists() {
+        return Err(Error::Other {
+            what: format!("lab `{lab}` has no ssh key yet ({})", key.display()),
+            hint: Some("keys are made by phase `disks` of create".into()),
+            source: None,
+        });
+    }
+    let mut cmd = std::process::Command::new("ssh");
+    cmd.arg("-i")
+        .arg(&key)
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known.display()))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-l",
+            &plan.ssh_user,
+            &n.ip.to_string(),
+        ]);
+    if !command.is_empty() {
+        cmd.arg("--").args(command);
+    }
+    let e = cmd.exec();
+    Err(Error::Other {
+        what: "cannot run ssh".into(),
+        hint: Some(
+            "install the OpenSSH client: apt-get install --no-install-recommends openssh-client"
+                .into(),
+        ),
+        source: Some(Box::new(e)),
+    })
 }

@@ -76,15 +76,21 @@ fn scenario(tmp: &Path) -> PathBuf {
     let f = tmp.join("e2e.yaml");
     std::fs::write(
         &f,
-        "name: e2e\nnetwork:\n  bridge: kbr0\n  subnet: 10.240.1.0/24\n  gateway: 10.240.1.1\n  uplink: upl0\naccelerator: auto\ncontrollers: {count: 1, names: [c1], memory_mib: 640, disk_gib: 4}\nworkers: {count: 1, names: [w1], memory_mib: 640, disk_gib: 4}\nload_balancer: {name: api, address: 10.240.1.15}\ncluster: {pod_cidr: 10.241.0.0/16, service_cidr: 10.242.0.0/24}\nfrom_image: [etcd, containerd, runc, cni-plugins]\n",
+        "name: e2e\nnetwork:\n  bridge: kbr0\n  subnet: 10.240.1.0/24\n  gateway: 10.240.1.1\n  uplink: upl0\naccelerator: auto\ncontrollers: {count: 2, names: [c1, c2], memory_mib: 640, disk_gib: 4}\nworkers: {count: 2, names: [w1, w2], memory_mib: 640, disk_gib: 4}\nload_balancer: {name: api, address: 10.240.1.15}\ncluster: {pod_cidr: 10.241.0.0/16, service_cidr: 10.242.0.0/24}\nfrom_image: [etcd, containerd, runc, cni-plugins]\n",
     )
     .unwrap();
     f
 }
 
+fn ssh(state: &Path, node: &str, cmd: &str) -> String {
+    let o = kthw(state, &["ssh", "e2e", node, "--", cmd]);
+    assert!(o.status.success(), "ssh {node} `{cmd}` failed");
+    text(&o.stdout)
+}
+
 #[test]
-fn create_until_lb_converges_and_destroy_leaves_nothing() {
-    if !enter("create_until_lb_converges_and_destroy_leaves_nothing") {
+fn create_until_runtime_converges_and_destroy_leaves_nothing() {
+    if !enter("create_until_runtime_converges_and_destroy_leaves_nothing") {
         return;
     }
     sh("ip link add upl0 type veth peer name upl1; ip link set upl0 up; ip link set upl1 up");
@@ -93,60 +99,142 @@ fn create_until_lb_converges_and_destroy_leaves_nothing() {
     let f = scenario(tmp.path());
     let f = f.to_str().unwrap();
 
-    let o = kthw(&state, &["create", f, "--until", "lb"]);
+    let t0 = std::time::Instant::now();
+    let o = kthw(&state, &["create", f, "--until", "runtime"]);
     let err = text(&o.stderr);
     assert!(o.status.success(), "create failed");
+    println!(
+        "create --until runtime took {:.0} s",
+        t0.elapsed().as_secs_f64()
+    );
     for phase in [
-        "network", "image", "disks", "domains", "wait-ssh", "pki", "lb",
+        "network", "image", "disks", "domains", "wait-ssh", "pki", "lb", "etcd", "routes",
+        "runtime",
     ] {
         assert!(
             err.contains(&format!("==> {phase}:")),
             "no {phase} phase in:\n{err}"
         );
     }
-    assert!(err.contains("c1: ssh login ok after"), "{err}");
-    assert!(err.contains("lab `e2e` is ready up to phase `lb`"), "{err}");
+    assert!(err.contains("w2: ssh ok after"), "{err}");
+    assert!(
+        err.contains("lab `e2e` is ready up to phase `runtime`"),
+        "{err}"
+    );
 
     // Domains run under the private libvirtd, carrying the lab's marker.
     let doms = sh("virsh -q -c qemu:///system list --name");
-    assert!(doms.contains("e2e-c1") && doms.contains("e2e-w1"), "{doms}");
+    for d in ["e2e-c1", "e2e-c2", "e2e-w1", "e2e-w2"] {
+        assert!(doms.contains(d), "{doms}");
+    }
     let xml = sh("virsh -c qemu:///system dumpxml e2e-w1");
     assert!(
         xml.contains("name=\"e2e\"") && xml.contains("role=\"worker\""),
         "{xml}"
     );
 
-    // The nodes answer with their names (via the lab key and pinned host key).
-    let key = state.join("labs/e2e/ssh");
-    let known = sh(&format!("ls {}", key.display()));
-    assert!(!known.is_empty(), "ssh dir is empty");
+    // ssh through the tool: pinned host key, the lab user, sudo.
+    assert_eq!(ssh(&state, "w1", "hostname").trim(), "w1");
+    assert!(ssh(&state, "c2", "sudo systemctl is-active etcd").contains("active"));
+    assert!(ssh(&state, "w2", "sudo systemctl is-active containerd").contains("active"));
+    assert!(ssh(&state, "w1", "cat /etc/cni/net.d/10-bridge.conf").contains("10.241.0.0/24"));
 
-    // The balancer runs, with the controller as its backend.
+    // etcd: one cluster of two members, healthy over TLS.
+    let health = ssh(
+        &state,
+        "c1",
+        "sudo etcdctl --endpoints=https://10.240.1.10:2379,https://10.240.1.11:2379 --cacert=/etc/etcd/ca.pem --cert=/etc/etcd/etcd-c1.pem --key=/etc/etcd/etcd-c1-key.pem endpoint health 2>&1",
+    );
+    assert_eq!(health.matches("is healthy").count(), 2, "{health}");
+    let members = ssh(
+        &state,
+        "c2",
+        "sudo etcdctl --endpoints=https://127.0.0.1:2379 --cacert=/etc/etcd/ca.pem --cert=/etc/etcd/etcd-c2.pem --key=/etc/etcd/etcd-c2-key.pem member list",
+    );
+    assert!(
+        members.contains("c1") && members.contains("c2"),
+        "{members}"
+    );
+    // Without a client certificate etcd refuses the client.
+    let anon = ssh(&state, "c1", "etcdctl --endpoints=https://10.240.1.10:2379 --cacert=/etc/etcd/ca.pem endpoint health 2>&1 || true");
+    assert!(!anon.contains("is healthy"), "{anon}");
+
+    // host-gw: each pod range is routed via its worker, on the nodes and on the host.
+    let r = ssh(&state, "w1", "ip route");
+    assert!(r.contains("10.241.1.0/24 via 10.240.1.13"), "{r}");
+    let r = ssh(&state, "c1", "ip route");
+    assert!(
+        r.contains("10.241.0.0/24 via 10.240.1.12") && r.contains("10.241.1.0/24 via 10.240.1.13"),
+        "{r}"
+    );
+    let r = sh("ip route");
+    assert!(r.contains("10.241.0.0/24 via 10.240.1.12"), "{r}");
+    // Real packets across the routes: give each worker its pod gateway address (what
+    // the bridge plugin does for the first pod) and ping across.
+    for (w, gw) in [("w1", "10.241.0.1/24"), ("w2", "10.241.1.1/24")] {
+        ssh(&state, w, &format!("sudo ip link add cni0 type bridge && sudo ip addr add {gw} dev cni0 && sudo ip link set cni0 up"));
+    }
+    ssh(&state, "w1", "ping -c1 -W5 10.241.1.1");
+    ssh(&state, "c2", "ping -c1 -W5 10.241.0.1");
+    assert!(Command::new("ping")
+        .args(["-c1", "-W5", "10.241.1.1"])
+        .status()
+        .unwrap()
+        .success());
+
+    // The balancer runs, with both controllers as backends.
     let o = kthw(&state, &["lb", "status", "e2e", "-o", "json"]);
     assert!(o.status.success());
     let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(st["backends"][0]["name"], "c1", "{st}");
+    assert_eq!(st["backends"].as_array().unwrap().len(), 2, "{st}");
 
     // Certificates match the plan; the admin kubeconfig points at the balancer.
     assert!(kthw(&state, &["certs", "check", "e2e"]).status.success());
     let o = kthw(&state, &["kubeconfig", "e2e"]);
     assert!(text(&o.stdout).contains("https://10.240.1.15:6443"));
 
-    // Running create again converges: nothing is rebuilt, the balancer is reloaded.
-    let t0 = std::time::Instant::now();
-    let o = kthw(&state, &["create", f, "--until", "lb"]);
+    // status checks the real system: every expected unit active, routes present.
+    let o = kthw(&state, &["status", "e2e", "-o", "json"]);
+    assert!(o.status.success(), "status says the lab is not up");
+    let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(st["etcd_healthy"], true, "{st}");
+    assert_eq!(st["last_phase"], "runtime", "{st}");
+    assert_eq!(st["nodes"][0]["units"]["etcd"], true, "{st}");
+    assert_eq!(st["nodes"][3]["units"]["containerd"], true, "{st}");
+    assert!(
+        text(&kthw(&state, &["status", "e2e"]).stdout).contains("etcd: healthy on every endpoint")
+    );
+
+    // Running create again converges: nothing rebuilt, the balancer reloaded.
+    let t1 = std::time::Instant::now();
+    let o = kthw(&state, &["create", f, "--until", "runtime"]);
     assert!(o.status.success());
     let err = text(&o.stderr);
     assert!(err.contains("already in place"), "{err}");
     assert!(err.contains("running, reloaded"), "{err}");
-    println!("second create took {:.1} s", t0.elapsed().as_secs_f64());
+    println!("second create took {:.1} s", t1.elapsed().as_secs_f64());
+    // --from a later phase works once the earlier ones are done.
+    assert!(kthw(
+        &state,
+        &["create", f, "--from", "routes", "--until", "runtime"]
+    )
+    .status
+    .success());
 
-    let o = kthw(&state, &["list"]);
-    assert!(text(&o.stdout).contains("lb"), "{}", text(&o.stdout));
+    // The Kubernetes binaries are not in the cache here: the next phase says so.
+    let o = kthw(&state, &["create", f, "--until", "control-plane"]);
+    assert_eq!(o.status.code(), Some(12));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("kube-apiserver") && err.contains("cache import"),
+        "{err}"
+    );
 
     // Destroy, then prove nothing is left on the real system.
+    let t2 = std::time::Instant::now();
     let o = kthw(&state, &["destroy", "e2e"]);
     assert!(o.status.success());
+    println!("destroy took {:.1} s", t2.elapsed().as_secs_f64());
     assert_eq!(
         sh("virsh -q -c qemu:///system list --all --name").trim(),
         ""
@@ -154,6 +242,7 @@ fn create_until_lb_converges_and_destroy_leaves_nothing() {
     assert!(!sh("ip -o link").contains("kbr0"));
     assert!(!sh("ip -o link").contains("vnet"), "tap devices left");
     assert!(!sh("nft list tables").contains("kthw_e2e"));
+    assert!(!sh("ip route").contains("10.241."), "pod routes left");
     assert!(
         !sh("ps -eo args").contains("labs/e2e/lb/lb.json"),
         "balancer still runs"

@@ -688,12 +688,21 @@ pub fn ensure_runtime<R: Remote + ?Sized>(
     b: &Bootstrap,
     remote: &R,
 ) -> Result<PhaseReport, BootstrapError> {
-    require_cached(b, &["containerd", "runc", "cni-plugins", "crictl"])?;
+    require_cached(b, &["containerd", "runc", "cni-plugins"])?;
+    // crictl is a debugging client, not needed to run pods: installed when cached.
+    let from_image: Vec<&str> = b.from_image.iter().map(String::as_str).collect();
+    let with_crictl = !missing_components(b.catalog, b.plan, &b.cache_dir, &from_image)
+        .iter()
+        .any(|m| m.component == "crictl");
+    let mut components = vec!["runc", "cni-plugins", "containerd"];
+    if with_crictl {
+        components.push("crictl");
+    }
     let workers = node_names(b.plan, Some(Role::Worker));
-    collect(par(remote, &workers, |r, name| {
+    let mut report = collect(par(remote, &workers, |r, name| {
         let node = b.plan.node(name).expect("planned node");
         let mut changed = Vec::new();
-        for c in ["runc", "cni-plugins", "containerd", "crictl"] {
+        for c in &components {
             changed.extend(install_component(b, r, name, c)?);
         }
         let files: Vec<RenderedFile> = units::worker_files(b.plan, node, &b.bins, &b.os)
@@ -722,7 +731,13 @@ pub fn ensure_runtime<R: Remote + ?Sized>(
             changed.push("restarted containerd".into());
         }
         Ok(changed)
-    }))
+    }))?;
+    if !with_crictl {
+        report.notes.push(
+            "crictl is not in the cache, so it was not installed (`kthw-lab cache import DIR` adds it)".into(),
+        );
+    }
+    Ok(report)
 }
 
 const CONTROL_UNITS: &[&str] = &[

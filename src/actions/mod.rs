@@ -6,6 +6,7 @@ pub mod journal;
 pub mod phase;
 pub mod phases;
 pub mod progress;
+pub mod status;
 pub mod teardown;
 
 use std::collections::BTreeMap;

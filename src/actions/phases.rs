@@ -31,6 +31,30 @@ pub fn actions(_plan: &LabPlan, opts: &PhaseOptions) -> Vec<Box<dyn Action>> {
         Box::new(WaitSshPhase),
         Box::new(PkiPhase),
         Box::new(LbPhase),
+        Box::new(BootstrapPhase {
+            phase: Phase::Etcd,
+            opts: opts.clone(),
+        }),
+        Box::new(BootstrapPhase {
+            phase: Phase::Routes,
+            opts: opts.clone(),
+        }),
+        Box::new(BootstrapPhase {
+            phase: Phase::Runtime,
+            opts: opts.clone(),
+        }),
+        Box::new(BootstrapPhase {
+            phase: Phase::ControlPlane,
+            opts: opts.clone(),
+        }),
+        Box::new(BootstrapPhase {
+            phase: Phase::Workers,
+            opts: opts.clone(),
+        }),
+        Box::new(BootstrapPhase {
+            phase: Phase::Smoke,
+            opts: opts.clone(),
+        }),
     ]
 }
 
@@ -602,5 +626,134 @@ impl Remover for DomainsRemover {
                 .map(|f| format!("file {}", f.display())),
         );
         Ok(out)
+    }
+}
+
+/// One SSH session per node, with the lab's user key and each node's pinned host key.
+pub fn lab_remote(plan: &LabPlan) -> Result<crate::remote::SshRemote> {
+    use crate::remote::{HostKey, SshRemote, SshTarget};
+    let keys = crate::host::ssh::ensure_lab_keys(plan)
+        .map_err(|e| provision("the lab's ssh keys".into(), e.hint(), e))?;
+    let mut targets = std::collections::HashMap::new();
+    for n in &plan.nodes {
+        let host = keys
+            .hosts
+            .get(&n.name)
+            .ok_or_else(|| Error::other(format!("no host key for node `{}`", n.name)))?;
+        let host_key = HostKey::from_openssh(&host.public_openssh).map_err(|e| {
+            Error::other(format!("host key of node `{}` is unreadable: {e}", n.name))
+        })?;
+        targets.insert(
+            n.name.clone(),
+            SshTarget {
+                addr: format!("{}:22", n.ip),
+                user: plan.ssh_user.clone(),
+                host_key,
+            },
+        );
+    }
+    Ok(SshRemote::new(keys.user.private_path.clone(), targets))
+}
+
+/// etcd, routes, runtime, control plane, workers and smoke: configured over SSH from
+/// the plan, with the certificates the PKI hands each node.
+struct BootstrapPhase {
+    phase: Phase,
+    opts: PhaseOptions,
+}
+
+impl Action for BootstrapPhase {
+    fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    fn run(&self, cx: &RunCtx) -> Result<()> {
+        use crate::actions::bootstrap::{self, Bootstrap, FileCopy};
+        let catalog = crate::components::ComponentCatalog::builtin().map_err(|e| Error::Other {
+            what: format!("the component catalog is invalid: {e}"),
+            hint: None,
+            source: None,
+        })?;
+        let from_image: Vec<&str> = cx.plan.from_image.iter().map(String::as_str).collect();
+        let mut b = Bootstrap::new(
+            cx.plan,
+            &catalog,
+            &crate::state::cache_dir(&self.opts.state_dir),
+        )
+        .use_image(&from_image);
+        b.files = crate::pki::distribution(cx.plan)
+            .into_iter()
+            .flat_map(|nf| {
+                let node = nf.node;
+                nf.files.into_iter().map(move |f| FileCopy {
+                    node: node.clone(),
+                    local: f.source,
+                    remote: f.dest,
+                    mode: f.mode,
+                })
+            })
+            .collect();
+        let remote = lab_remote(cx.plan)?;
+        let nodes: Vec<&str> = match self.phase {
+            Phase::Etcd | Phase::ControlPlane => {
+                cx.plan.controllers().map(|n| n.name.as_str()).collect()
+            }
+            Phase::Runtime | Phase::Workers => cx.plan.workers().map(|n| n.name.as_str()).collect(),
+            _ => cx.plan.nodes.iter().map(|n| n.name.as_str()).collect(),
+        };
+        let line = cx.progress.line(self.phase.name(), &nodes.join(", "));
+        let fail = |e: bootstrap::BootstrapError| e.into_error(&format!("phase `{}`", self.phase));
+        let report = match self.phase {
+            Phase::Etcd => bootstrap::ensure_etcd(&b, &remote),
+            Phase::Routes => {
+                // The host side of host-gw: the host reaches every pod range too.
+                let net = LinuxNet::new(&self.opts.state_dir);
+                net.ensure_pod_routes(&NetworkSpec::from_plan(cx.plan))
+                    .map_err(net_error)?;
+                bootstrap::ensure_routes(&b, &remote)
+            }
+            Phase::Runtime => bootstrap::ensure_runtime(&b, &remote),
+            Phase::ControlPlane => bootstrap::ensure_control_plane(&b, &remote),
+            Phase::Workers => bootstrap::ensure_workers(&b, &remote),
+            Phase::Smoke => {
+                let r = bootstrap::smoke(&b, &remote).map_err(fail)?;
+                if !r.ok() {
+                    line.fail("checks failed");
+                    return Err(Error::Bootstrap {
+                        what: format!(
+                            "smoke checks failed: etcd healthy: {}, inactive units: {:?}, missing routes: {:?}",
+                            r.etcd_healthy, r.inactive, r.missing_routes
+                        ),
+                        hint: format!("`kthw-lab ssh {} NODE` and `journalctl -u UNIT` show why", cx.plan.lab),
+                        source: None,
+                    });
+                }
+                line.done("etcd healthy, every unit active, every route present");
+                return Ok(());
+            }
+            other => unreachable!("{other} is not a bootstrap phase"),
+        };
+        match report {
+            Ok(r) => {
+                for note in &r.notes {
+                    cx.progress.println(&format!("    note: {note}"));
+                }
+                let changed: Vec<String> = r
+                    .changed
+                    .iter()
+                    .map(|(n, items)| format!("{n}: {} change(s)", items.len()))
+                    .collect();
+                line.done(&if changed.is_empty() {
+                    "already in place".to_string()
+                } else {
+                    changed.join(", ")
+                });
+                Ok(())
+            }
+            Err(e) => {
+                line.fail(&e.to_string());
+                Err(fail(e))
+            }
+        }
     }
 }
