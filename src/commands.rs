@@ -514,6 +514,26 @@ fn cmd_image(command: crate::cli::ImageCommand, state_dir: &Path) -> Result<()> 
 }
 
 fn cmd_cache_import(dir: &Path, state_dir: &Path) -> Result<()> {
+    if !dir.is_dir() {
+        return Err(Error::Usage {
+            what: format!("{} is not a directory", dir.display()),
+            hint: "give the directory that holds the downloaded images or release files".into(),
+        });
+    }
+    // Component releases (Kubernetes binaries, etcd, containerd, ...).
+    let components = crate::components::ComponentCatalog::builtin()
+        .map_err(|e| Error::other(format!("the component catalog is invalid: {e}")))?;
+    let imported = crate::components::import::import_dir(
+        &components,
+        dir,
+        &crate::state::cache_dir(&absolute(state_dir)),
+    );
+    let mut out = std::io::stdout().lock();
+    if !imported.is_empty() {
+        let _ = out.write_all(crate::components::import::render(&imported).as_bytes());
+    }
+    let component_failures = imported.iter().filter(|i| i.outcome.is_err()).count();
+    // Images.
     let catalog = load_catalog()?;
     let report = crate::cache::blocking::import_dir(
         &catalog,
@@ -524,10 +544,10 @@ fn cmd_cache_import(dir: &Path, state_dir: &Path) -> Result<()> {
     .map_err(|e| {
         actions::phases::cache_error(format!("cannot import from {}", dir.display()), e)
     })?;
-    let _ = std::io::stdout()
-        .lock()
-        .write_all(report.render().as_bytes());
-    let failed = report.failures().count();
+    if !report.items.is_empty() || imported.is_empty() {
+        let _ = out.write_all(report.render().as_bytes());
+    }
+    let failed = report.failures().count() + component_failures;
     if failed > 0 {
         return Err(Error::Other {
             what: format!("{failed} file(s) in {} could not be imported", dir.display()),

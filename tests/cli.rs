@@ -303,3 +303,36 @@ fn certs_check_and_kubeconfig_read_the_labs_pki() {
     );
     assert!(text(&o.stderr).contains("finding(s) in the certificates of lab `k2m2w`"));
 }
+
+#[test]
+fn cache_import_verifies_component_files_before_caching_them() {
+    use sha2::Digest;
+    let state = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // A stand-in file: import only verifies and copies bytes, it never runs them.
+    let body = b"test fixture, not a kube-apiserver binary\n";
+    std::fs::write(dir.path().join("kube-apiserver"), body).unwrap();
+    let digest = hex::encode(sha2::Sha256::digest(body));
+    std::fs::write(dir.path().join("kube-apiserver.sha256"), &digest).unwrap();
+    // A file whose pinned sha256 (from the catalog) cannot match.
+    std::fs::write(dir.path().join("crictl-v1.32.0-linux-amd64.tar.gz"), b"wrong bytes").unwrap();
+
+    let o = run_in(state.path(), &["cache", "import", dir.path().to_str().unwrap()]);
+    let out = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}{}", text(&o.stderr));
+    assert!(out.contains("kube-apiserver") && out.contains("imported (verified by"), "{out}");
+    assert!(out.contains("crictl") && out.contains("FAILED: sha256"), "{out}");
+    assert!(text(&o.stderr).contains("1 file(s)"), "{}", text(&o.stderr));
+    let cached = state.path().join("cache/components/kube-apiserver-1.32.3");
+    assert_eq!(std::fs::read(&cached).unwrap(), body);
+    assert!(!state.path().join("cache/components/crictl-1.32.0").exists());
+
+    // Without its checksum file, a file with no pinned digest is refused.
+    std::fs::remove_file(dir.path().join("kube-apiserver.sha256")).unwrap();
+    std::fs::remove_file(dir.path().join("crictl-v1.32.0-linux-amd64.tar.gz")).unwrap();
+    std::fs::write(dir.path().join("kube-apiserver"), b"other").unwrap();
+    let o = run_in(state.path(), &["cache", "import", dir.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stdout).contains("no checksum to verify it"), "{}", text(&o.stdout));
+    assert_eq!(std::fs::read(&cached).unwrap(), body, "the verified copy stays");
+}

@@ -693,6 +693,19 @@ impl Action for BootstrapPhase {
                 })
             })
             .collect();
+        let needed: &[&str] = match self.phase {
+            Phase::Etcd => &["etcd"],
+            Phase::Runtime => &["containerd", "runc", "cni-plugins", "crictl"],
+            Phase::ControlPlane => &[
+                "kube-apiserver",
+                "kube-controller-manager",
+                "kube-scheduler",
+                "kubectl",
+            ],
+            Phase::Workers => &["kubelet", "kube-proxy", "kubectl"],
+            _ => &[],
+        };
+        fetch_components(cx, &catalog, &self.opts.state_dir, needed);
         let remote = lab_remote(cx.plan)?;
         let nodes: Vec<&str> = match self.phase {
             Phase::Etcd | Phase::ControlPlane => {
@@ -751,9 +764,58 @@ impl Action for BootstrapPhase {
                 Ok(())
             }
             Err(e) => {
-                line.fail(&e.to_string());
+                line.fail(e.to_string().lines().next().unwrap_or("failed"));
                 Err(fail(e))
             }
+        }
+    }
+}
+
+/// Download the components a phase needs that are neither cached nor taken from the
+/// image, each verified against the catalog's pinned sha256 or upstream's published
+/// checksum file. A download that fails is left to the phase, which then names
+/// every missing file and how to import it; on an offline host this costs seconds.
+fn fetch_components(
+    cx: &RunCtx,
+    catalog: &crate::components::ComponentCatalog,
+    state_dir: &std::path::Path,
+    needed: &[&str],
+) {
+    use crate::cache::{blocking, Algorithm, Checksum};
+    use crate::components::{parse_checksum_file, ChecksumSource, MissingReason};
+    let from_image: Vec<&str> = cx.plan.from_image.iter().map(String::as_str).collect();
+    let cache_dir = crate::state::cache_dir(state_dir);
+    let missing = crate::components::missing_components(catalog, cx.plan, &cache_dir, &from_image);
+    for m in missing
+        .iter()
+        .filter(|m| needed.contains(&m.component.as_str()) && m.reason == MissingReason::NotCached)
+    {
+        let Some((_, release)) = catalog.release_for(&m.component, &cx.plan.versions) else {
+            continue;
+        };
+        let line = cx.progress.line(
+            &m.component,
+            &format!("downloading {} {}", m.file_name, m.version),
+        );
+        let expected = match &release.checksum {
+            ChecksumSource::Sha256(hex) => {
+                Checksum::new(Algorithm::Sha256, hex).map_err(|e| e.to_string())
+            }
+            ChecksumSource::Url { url, entry } => blocking::fetch_text(url)
+                .map_err(|e| format!("checksum list {url}: {e}"))
+                .and_then(|text| {
+                    parse_checksum_file(&text, entry.as_deref())
+                        .ok_or_else(|| format!("no sha256 for {} in {url}", m.file_name))
+                })
+                .and_then(|hex| Checksum::new(Algorithm::Sha256, &hex).map_err(|e| e.to_string())),
+        };
+        let result = expected.and_then(|c| {
+            blocking::fetch(&release.url, &c, &m.expected_path, CacheProgress::Lines)
+                .map_err(|e| e.to_string())
+        });
+        match result {
+            Ok(_) => line.done("downloaded and verified"),
+            Err(e) => line.fail(&e),
         }
     }
 }

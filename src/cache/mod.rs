@@ -572,4 +572,11 @@ pub mod blocking {
     ) -> Result<Fetched, CacheError> {
         runtime()?.block_on(super::fetch(url, expected, dest, progress))
     }
+
+    /// A small text file, e.g. a published checksum list (at most 4 MiB).
+    pub fn fetch_text(url: &str) -> Result<String, CacheError> {
+        let opts = FetchOptions::default();
+        let client = opts.client()?;
+        runtime()?.block_on(super::fetch::fetch_text(&client, &opts, url, 4 << 20))
+    }
 }

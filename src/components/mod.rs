@@ -6,6 +6,8 @@
 //! the scenario decoder. Nothing here downloads: the cache does, against
 //! `checksum_url` or `sha256`.
 
+pub mod import;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
