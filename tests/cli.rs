@@ -315,13 +315,26 @@ fn cache_import_verifies_component_files_before_caching_them() {
     let digest = hex::encode(sha2::Sha256::digest(body));
     std::fs::write(dir.path().join("kube-apiserver.sha256"), &digest).unwrap();
     // A file whose pinned sha256 (from the catalog) cannot match.
-    std::fs::write(dir.path().join("crictl-v1.32.0-linux-amd64.tar.gz"), b"wrong bytes").unwrap();
+    std::fs::write(
+        dir.path().join("crictl-v1.32.0-linux-amd64.tar.gz"),
+        b"wrong bytes",
+    )
+    .unwrap();
 
-    let o = run_in(state.path(), &["cache", "import", dir.path().to_str().unwrap()]);
+    let o = run_in(
+        state.path(),
+        &["cache", "import", dir.path().to_str().unwrap()],
+    );
     let out = text(&o.stdout);
     assert_eq!(o.status.code(), Some(1), "{out}{}", text(&o.stderr));
-    assert!(out.contains("kube-apiserver") && out.contains("imported (verified by"), "{out}");
-    assert!(out.contains("crictl") && out.contains("FAILED: sha256"), "{out}");
+    assert!(
+        out.contains("kube-apiserver") && out.contains("imported (verified by"),
+        "{out}"
+    );
+    assert!(
+        out.contains("crictl") && out.contains("FAILED: sha256"),
+        "{out}"
+    );
     assert!(text(&o.stderr).contains("1 file(s)"), "{}", text(&o.stderr));
     let cached = state.path().join("cache/components/kube-apiserver-1.32.3");
     assert_eq!(std::fs::read(&cached).unwrap(), body);
@@ -331,8 +344,19 @@ fn cache_import_verifies_component_files_before_caching_them() {
     std::fs::remove_file(dir.path().join("kube-apiserver.sha256")).unwrap();
     std::fs::remove_file(dir.path().join("crictl-v1.32.0-linux-amd64.tar.gz")).unwrap();
     std::fs::write(dir.path().join("kube-apiserver"), b"other").unwrap();
-    let o = run_in(state.path(), &["cache", "import", dir.path().to_str().unwrap()]);
+    let o = run_in(
+        state.path(),
+        &["cache", "import", dir.path().to_str().unwrap()],
+    );
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o.stdout).contains("no checksum to verify it"), "{}", text(&o.stdout));
-    assert_eq!(std::fs::read(&cached).unwrap(), body, "the verified copy stays");
+    assert!(
+        text(&o.stdout).contains("no checksum to verify it"),
+        "{}",
+        text(&o.stdout)
+    );
+    assert_eq!(
+        std::fs::read(&cached).unwrap(),
+        body,
+        "the verified copy stays"
+    );
 }
