@@ -38,10 +38,23 @@ pub fn run(cli: Cli) -> Result<()> {
             purge_cache,
             connect,
         } => cmd_destroy(&lab, purge_cache, &connect.connect, &state_dir),
-        Command::Recreate { .. } => not_yet("recreate", 8),
-        Command::Reset { .. } => not_yet("reset", 8),
-        Command::Start { .. } => not_yet("start", 8),
-        Command::Stop { .. } => not_yet("stop", 8),
+        Command::Recreate {
+            scenario,
+            until,
+            connect,
+        } => {
+            let lab = load_plan(&scenario, &state_dir)?.lab;
+            cmd_destroy(&lab, false, &connect.connect, &state_dir)?;
+            cmd_create(
+                &scenario,
+                Range { from: None, until },
+                &connect.connect,
+                &state_dir,
+            )
+        }
+        Command::Reset { lab, connect } => cmd_reset(&lab, &connect.connect, &state_dir),
+        Command::Start { lab, connect } => cmd_start(&lab, &connect.connect, &state_dir),
+        Command::Stop { lab, connect } => cmd_stop(&lab, &connect.connect, &state_dir),
         Command::List { output } => cmd_list(output, &state_dir),
         Command::Status {
             lab,
@@ -67,15 +80,6 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::cli::CacheCommand::Import { dir } => cmd_cache_import(&dir, &state_dir),
         },
     }
-}
-
-fn not_yet(command: &str, issue: u32) -> Result<()> {
-    Err(Error::NotAvailable {
-        what: format!("`kthw-lab {command}`"),
-        hint: format!(
-            "it is being built (tracked as issue {issue}); `kthw-lab plan SCENARIO` works today"
-        ),
-    })
 }
 
 /// Host limits for validation, read from the running kernel.
@@ -712,4 +716,115 @@ fn cmd_ssh(lab: &str, node: &str, command: &[String], state_dir: &Path) -> Resul
         ),
         source: Some(Box::new(e)),
     })
+}
+
+fn phase_options(connect: &str, state_dir: &Path) -> actions::phases::PhaseOptions {
+    actions::phases::PhaseOptions {
+        connect: connect.to_string(),
+        state_dir: absolute(state_dir),
+        catalog_roots: catalog_roots(),
+    }
+}
+
+fn read_journal(plan: &crate::plan::LabPlan) -> Option<Journal> {
+    std::fs::read(&plan.paths.journal)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+/// `stop LAB`: the balancer stops, the VMs power off; disks, keys, certificates and
+/// the network stay, so `start` brings the same lab back without bootstrapping.
+fn cmd_stop(lab: &str, connect: &str, state_dir: &Path) -> Result<()> {
+    let plan = saved_plan(state_dir, lab)?;
+    let progress = Progress::new();
+    let files = crate::lb::LbFiles::of(&plan);
+    if crate::lb::is_running(&files.pid) {
+        crate::lb::stop(&files.pid).map_err(actions::phases::lb_error)?;
+        progress.println("load balancer stopped");
+    }
+    let t0 = std::time::Instant::now();
+    actions::phases::shutdown_domains(
+        &plan,
+        connect,
+        std::time::Duration::from_secs(60),
+        &progress,
+    )?;
+    eprintln!(
+        "lab `{lab}` stopped in {:.1} s; `kthw-lab start {lab}` brings it back",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `start LAB`: after a host reboot (or `stop`), bring back the bridge, NAT and
+/// routes, the domains, SSH, and the balancer. Nothing is bootstrapped again: the
+/// nodes' services are enabled units.
+fn cmd_start(lab: &str, connect: &str, state_dir: &Path) -> Result<()> {
+    let plan = saved_plan(state_dir, lab)?;
+    let journal = read_journal(&plan);
+    let done = |p: actions::Phase| journal.as_ref().is_some_and(|j| j.is_done(p));
+    if !done(actions::Phase::Domains) {
+        return Err(Error::Other {
+            what: format!("lab `{lab}` has no VMs yet"),
+            hint: Some("create it first: `kthw-lab create SCENARIO`".into()),
+            source: None,
+        });
+    }
+    let opts = phase_options(connect, state_dir);
+    let progress = Progress::new();
+    let cx = RunCtx::new(&plan, progress.clone(), Cancel::new());
+    let mut timings = Vec::new();
+    for a in actions::phases::start_actions(&opts, done(actions::Phase::Lb)) {
+        progress.println(&format!("==> {}: {}", a.phase(), a.phase().describe()));
+        let t0 = std::time::Instant::now();
+        a.run(&cx)?;
+        timings.push(actions::PhaseTiming {
+            phase: a.phase(),
+            seconds: t0.elapsed().as_secs_f64(),
+            state: actions::PhaseState::Done,
+        });
+    }
+    eprint!("\n{}", actions::render_timings(&timings));
+    eprintln!("lab `{lab}` is running again");
+    Ok(())
+}
+
+/// `reset LAB`: the VMs back to their freshly booted state. Overlays are made anew
+/// on the cached base (no image copy) and the same seeds, keys and certificates are
+/// used; phases after `wait-ssh` must run again (`create` does that).
+fn cmd_reset(lab: &str, connect: &str, state_dir: &Path) -> Result<()> {
+    let plan = saved_plan(state_dir, lab)?;
+    let Some(mut journal) = read_journal(&plan) else {
+        return Err(Error::Other {
+            what: format!("lab `{lab}` has no journal: it was never created"),
+            hint: Some("create it first: `kthw-lab create SCENARIO`".into()),
+            source: None,
+        });
+    };
+    let opts = phase_options(connect, state_dir);
+    let progress = Progress::new();
+    let t0 = std::time::Instant::now();
+    let removed = actions::phases::remove_domains(&plan, connect)?;
+    progress.println(&format!("removed {}", removed.join(", ")));
+    journal.invalidate_from(actions::Phase::Disks);
+    journal
+        .save_to(&plan.paths.journal)
+        .map_err(|e| Error::with_source("cannot write the journal", e))?;
+    let runner = Runner::new(actions::phases::actions(&plan, &opts));
+    let cx = RunCtx::new(&plan, progress.clone(), Cancel::new());
+    let (timings, result) = runner.run(
+        &cx,
+        &mut journal,
+        Range {
+            from: Some(actions::Phase::Disks),
+            until: Some(actions::Phase::WaitSsh),
+        },
+    );
+    eprint!("\n{}", actions::render_timings(&timings));
+    result?;
+    eprintln!(
+        "lab `{lab}` reset in {:.1} s: fresh VMs, same keys and certificates; run `kthw-lab create SCENARIO` to bootstrap them again",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
 }

@@ -221,6 +221,58 @@ fn create_until_runtime_converges_and_destroy_leaves_nothing() {
     .status
     .success());
 
+    // stop powers the VMs off and stops the balancer; start brings the same lab back
+    // (as after a host reboot) without bootstrapping: the services are enabled units.
+    let o = kthw(&state, &["stop", "e2e"]);
+    assert!(o.status.success());
+    assert_eq!(
+        sh("virsh -q -c qemu:///system list --name").trim(),
+        "",
+        "domains still run"
+    );
+    assert!(
+        !sh("ps -eo args").contains("labs/e2e/lb/lb.json"),
+        "balancer still runs"
+    );
+    let t3 = std::time::Instant::now();
+    let o = kthw(&state, &["start", "e2e"]);
+    assert!(o.status.success());
+    println!("start took {:.1} s", t3.elapsed().as_secs_f64());
+    assert!(kthw(&state, &["lb", "status", "e2e"]).status.success());
+    // etcd and containerd come back by themselves (wait for etcd's quorum).
+    let mut up = false;
+    for _ in 0..30 {
+        if kthw(&state, &["status", "e2e"]).status.success() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(5));
+    }
+    assert!(up, "the lab is not fully up after start");
+    let r = ssh(&state, "w1", "ip route");
+    assert!(
+        r.contains("10.241.1.0/24 via 10.240.1.13"),
+        "routes survive a reboot: {r}"
+    );
+
+    // reset: fresh VMs from new overlays, same keys (the pinned login still works).
+    let t4 = std::time::Instant::now();
+    let o = kthw(&state, &["reset", "e2e"]);
+    assert!(o.status.success());
+    println!("reset took {:.1} s", t4.elapsed().as_secs_f64());
+    assert_eq!(ssh(&state, "c1", "hostname").trim(), "c1");
+    let etcd = ssh(&state, "c1", "systemctl is-active etcd || true");
+    assert!(
+        !etcd.starts_with("active"),
+        "a reset node has no etcd running: {etcd}"
+    );
+    assert!(ssh(
+        &state,
+        "c1",
+        "test -e /etc/etcd/ca.pem && echo yes || echo no"
+    )
+    .contains("no"));
+
     // The Kubernetes binaries are not in the cache here: the next phase says so.
     let o = kthw(&state, &["create", f, "--until", "control-plane"]);
     assert_eq!(o.status.code(), Some(12));

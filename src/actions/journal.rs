@@ -93,6 +93,12 @@ impl Journal {
         }
     }
 
+    /// Save to `path` (for a journal read back with serde, which has no path).
+    pub fn save_to(&mut self, path: &Path) -> std::io::Result<()> {
+        self.path = path.to_path_buf();
+        self.save()
+    }
+
     pub fn save(&self) -> std::io::Result<()> {
         let mut s = serde_json::to_string_pretty(self).expect("journal serializes");
         s.push('\n');

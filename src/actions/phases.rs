@@ -20,6 +20,77 @@ pub struct PhaseOptions {
     pub catalog_roots: Vec<PathBuf>,
 }
 
+/// The phases `start` runs to bring a stopped lab back (after a host reboot, say):
+/// the host network, the domains, SSH, and the balancer if the lab had one. The
+/// nodes' own services are enabled units and come back with them.
+pub fn start_actions(opts: &PhaseOptions, with_lb: bool) -> Vec<Box<dyn Action>> {
+    let mut v: Vec<Box<dyn Action>> = vec![
+        Box::new(NetworkPhase {
+            net: LinuxNet::new(&opts.state_dir),
+        }),
+        Box::new(DomainsPhase { opts: opts.clone() }),
+        Box::new(WaitSshPhase),
+    ];
+    if with_lb {
+        v.push(Box::new(LbPhase));
+    }
+    v
+}
+
+/// Remove a lab's domains with their overlays and seeds (keys, certificates and
+/// the network stay): what `reset` starts from.
+pub fn remove_domains(plan: &LabPlan, connect: &str) -> Result<Vec<String>> {
+    DomainsRemover {
+        connect: connect.to_string(),
+    }
+    .remove(&plan.lab, Some(plan))
+}
+
+/// Shut every domain of the lab down (ACPI, forced after `grace`), in parallel.
+pub fn shutdown_domains(
+    plan: &LabPlan,
+    connect: &str,
+    grace: std::time::Duration,
+    progress: &super::Progress,
+) -> Result<()> {
+    use crate::host::libvirt::Hypervisor;
+    let hv = connect_hypervisor(connect)?;
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let hs: Vec<_> = plan
+            .nodes
+            .iter()
+            .map(|n| {
+                let hv = &hv;
+                s.spawn(move || {
+                    let line = progress.line(&n.name, "shutting down");
+                    match hv.shutdown(&n.domain, grace) {
+                        Ok(true) => {
+                            line.done("off");
+                            Ok(())
+                        }
+                        Ok(false) => {
+                            line.done("forced off (the guest did not power off in time)");
+                            Ok(())
+                        }
+                        Err(e) => {
+                            line.fail(&e.to_string());
+                            Err(provision(
+                                format!("cannot shut down {}", n.domain),
+                                e.hint(),
+                                e,
+                            ))
+                        }
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("shutdown thread"))
+            .collect()
+    });
+    results.into_iter().collect()
+}
+
 pub fn actions(_plan: &LabPlan, opts: &PhaseOptions) -> Vec<Box<dyn Action>> {
     vec![
         Box::new(NetworkPhase {

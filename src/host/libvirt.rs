@@ -113,6 +113,9 @@ pub trait Hypervisor: Send + Sync {
     fn destroy_and_undefine(&self, name: &str) -> Result<(), HypervisorError>;
     /// `None` when no such domain exists.
     fn state(&self, name: &str) -> Result<Option<DomainState>, HypervisorError>;
+    /// Ask the guest to power off (ACPI), and force it off after `grace`; fine when
+    /// it is not running. Returns whether the guest went down by itself.
+    fn shutdown(&self, name: &str, grace: std::time::Duration) -> Result<bool, HypervisorError>;
 }
 
 /// What a domain XML says about itself.
@@ -293,6 +296,32 @@ impl Hypervisor for Libvirt {
         }
         d.create().map_err(Self::err("start", name))?;
         Ok(())
+    }
+
+    fn shutdown(&self, name: &str, grace: std::time::Duration) -> Result<bool, HypervisorError> {
+        let Some(d) = self.lookup(name)? else {
+            return Ok(true);
+        };
+        if !d.is_active().map_err(Self::err("shut down", name))? {
+            return Ok(true);
+        }
+        // A guest that ignores ACPI is forced off below.
+        let _ = d.shutdown();
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < grace {
+            if !d.is_active().map_err(Self::err("shut down", name))? {
+                return Ok(true);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        match d.destroy() {
+            Ok(()) => Ok(false),
+            Err(e) if !d.is_active().unwrap_or(true) => {
+                let _ = e;
+                Ok(false)
+            }
+            Err(e) => Err(Self::err("force off", name)(e)),
+        }
     }
 
     fn list_lab_domains(&self, lab: &str) -> Result<Vec<DomainInfo>, HypervisorError> {
