@@ -9,9 +9,9 @@ declare -A GROUPS_PKGS=(
   [build]="build-essential pkg-config libvirt-dev libssl-dev libssh2-1-dev cmake"
   # Everything the tests drive for real: libvirt + qemu (TCG), image building,
   # seed inspection, netlink/nft in namespaces, TLS/kubeconfig checks, etcd, LB baselines.
-  [test]="libvirt-daemon-system libvirt-clients libxml2-utils qemu-system-x86 qemu-utils mmdebstrap dosfstools mtools nftables iproute2 iputils-ping conntrack openssl etcd-client"
+  [test]="libvirt-daemon-system libvirt-clients libxml2-utils qemu-system-x86 qemu-utils mmdebstrap debian-archive-keyring e2fsprogs util-linux dosfstools mtools nftables iproute2 iputils-ping conntrack procps openssl openssh-server openssh-client etcd-server etcd-client tar"
   # What a lab host needs at run time.
-  [lab]="libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils mmdebstrap nftables iproute2 openssh-client"
+  [lab]="libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils mmdebstrap debian-archive-keyring e2fsprogs nftables iproute2 openssh-client"
   # Baselines the benchmarks compare against.
   [bench]="haproxy nginx libnginx-mod-stream genisoimage"
 )
