@@ -26,11 +26,15 @@ build: deps-build
 # The lab runs on this host's network. On a machine where lab networks must stay
 # isolated (e.g. a shared CI box), use `make lab SANDBOX=1`: the lab then lives in
 # a network namespace with its own libvirtd (scripts/netns-run).
+# UNTIL=PHASE stops after a phase (e.g. UNTIL=runtime on a host that cannot
+# download the Kubernetes binaries).
+CREATE_FLAGS := $(if $(UNTIL),--until $(UNTIL),)
+
 lab: deps-lab build
 ifeq ($(SANDBOX),1)
-	scripts/netns-run $(BIN_RELEASE) create $(SCENARIO)
+	scripts/netns-run scripts/sandbox-lab $(abspath $(BIN_RELEASE)) $(SCENARIO) $(CREATE_FLAGS)
 else
-	$(BIN_RELEASE) create $(SCENARIO)
+	$(BIN_RELEASE) create $(SCENARIO) $(CREATE_FLAGS)
 endif
 
 lint: deps-build

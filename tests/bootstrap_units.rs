@@ -2,6 +2,8 @@
 //! and every rendered flag checked against the flags catalog taken from the
 //! Kubernetes command-line reference.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -25,30 +27,12 @@ fn plan_2m2w() -> LabPlan {
     plan(&s, &text, Path::new("/var/lib/kthw-lab"))
 }
 
-/// Compare with a golden file; `UPDATE_GOLDEN=1` rewrites it.
-fn golden(name: &str, actual: &str) {
-    let path = root().join("tests/golden/units").join(name);
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, actual).unwrap();
-        return;
-    }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (run with UPDATE_GOLDEN=1 to create it)",
-            path.display()
-        )
-    });
-    assert!(
-        expected == actual,
-        "{} differs from the golden file; run with UPDATE_GOLDEN=1 if the change is intended\n--- expected\n{expected}\n--- actual\n{actual}",
-        path.display()
-    );
-}
-
 /// Golden name for a node file: `NODE/` + path with `/` turned into `_`.
 fn golden_name(node: &str, path: &str) -> String {
-    format!("{node}/{}", path.trim_start_matches('/').replace('/', "_"))
+    format!(
+        "units/{node}/{}",
+        path.trim_start_matches('/').replace('/', "_")
+    )
 }
 
 fn all_files(p: &LabPlan, bins: &Bins) -> Vec<(String, units::RenderedFile)> {
@@ -69,10 +53,10 @@ fn all_files(p: &LabPlan, bins: &Bins) -> Vec<(String, units::RenderedFile)> {
 fn rendered_files_match_golden_files() {
     let p = plan_2m2w();
     for (node, f) in all_files(&p, &Bins::downloaded()) {
-        golden(&golden_name(&node, &f.path), &f.content);
+        support::golden(&golden_name(&node, &f.path), &f.content);
     }
-    golden(
-        "cluster/rbac-apiserver-to-kubelet.yaml",
+    support::golden(
+        "units/cluster/rbac-apiserver-to-kubelet.yaml",
         &units::rbac_apiserver_to_kubelet(),
     );
 }
@@ -93,8 +77,8 @@ fn image_packages_change_paths_and_containerd_config_version() {
     assert_eq!(bins.kubelet, "/usr/local/bin/kubelet");
     let n1 = p.node("n1").unwrap();
     let m1 = p.node("m1").unwrap();
-    golden(
-        "image-packages/n1_etc_containerd_config.toml",
+    support::golden(
+        "units/image-packages/n1_etc_containerd_config.toml",
         &units::containerd_config(&bins),
     );
     assert!(units::etcd_service(&p, m1, &bins).contains("ExecStart=/usr/bin/etcd \\"));

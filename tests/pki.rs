@@ -3,6 +3,8 @@
 //! idempotency across runs and plan changes, file modes, and the linter against
 //! deliberately broken certificates.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -534,24 +536,6 @@ const FIXED_CA: &str = "-----BEGIN CERTIFICATE-----\nFIXED-CA\n-----END CERTIFIC
 const FIXED_CERT: &str = "-----BEGIN CERTIFICATE-----\nFIXED-LEAF\n-----END CERTIFICATE-----\n";
 const FIXED_KEY: &str = "-----BEGIN PRIVATE KEY-----\nFIXED-KEY\n-----END PRIVATE KEY-----\n";
 
-fn golden(name: &str, actual: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden/pki")
-        .join(name);
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, actual).unwrap();
-    }
-    let want = std::fs::read_to_string(&path)
-        .unwrap_or_else(|_| panic!("{} missing; run with UPDATE_GOLDEN=1", path.display()));
-    assert_eq!(
-        actual,
-        want,
-        "{} differs; run with UPDATE_GOLDEN=1",
-        path.display()
-    );
-}
-
 #[test]
 fn kubeconfig_matches_golden() {
     for (file, server, user) in [
@@ -575,7 +559,7 @@ fn kubeconfig_matches_golden() {
             cert_pem: FIXED_CERT,
             key_pem: FIXED_KEY,
         });
-        golden(file, &text);
+        support::golden(&format!("pki/{file}"), &text);
     }
 }
 

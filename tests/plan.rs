@@ -10,6 +10,9 @@ use kthw_lab::plan::{plan, LabPlan};
 use kthw_lab::scenario::{load_str, HostLimits, Role, Sources};
 use proptest::prelude::*;
 
+mod support;
+use support::golden;
+
 const HOST: HostLimits = HostLimits {
     memory_mib: 1 << 20,
 };
@@ -24,27 +27,6 @@ fn plan_text(text: &str) -> Result<LabPlan, String> {
     };
     let s = load_str(text, "s.yaml", &src, &HOST).map_err(|e| format!("{:#?}", e.diagnostics))?;
     Ok(plan(&s, text, Path::new("/var/lib/kthw-lab")))
-}
-
-/// Compare with a golden file; `UPDATE_GOLDEN=1` rewrites it.
-fn golden(name: &str, actual: &str) {
-    let path = root().join("tests/golden").join(name);
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, actual).unwrap();
-        return;
-    }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (run with UPDATE_GOLDEN=1 to create it)",
-            path.display()
-        )
-    });
-    assert!(
-        expected == actual,
-        "{} differs from the golden file; run with UPDATE_GOLDEN=1 if the change is intended\n--- expected\n{expected}\n--- actual\n{actual}",
-        path.display()
-    );
 }
 
 #[test]

@@ -543,36 +543,13 @@ fn collect(
     Ok(report)
 }
 
+/// Run `f` on every node at once, results in node order.
 fn par<R, F>(remote: &R, nodes: &[&str], f: F) -> Vec<(String, Result<Vec<String>, BootstrapError>)>
 where
     R: Remote + ?Sized,
     F: Fn(&R, &str) -> Result<Vec<String>, BootstrapError> + Sync,
 {
-    std::thread::scope(|s| {
-        let handles: Vec<_> = nodes
-            .iter()
-            .map(|n| {
-                let f = &f;
-                s.spawn(move || f(remote, n))
-            })
-            .collect();
-        nodes
-            .iter()
-            .zip(handles)
-            .map(|(n, h)| {
-                (
-                    n.to_string(),
-                    h.join().unwrap_or_else(|_| {
-                        Err(BootstrapError::NotReady {
-                            node: n.to_string(),
-                            what: "bootstrap step".into(),
-                            detail: "worker thread panicked".into(),
-                        })
-                    }),
-                )
-            })
-            .collect()
-    })
+    exec_all(remote, nodes, f)
 }
 
 // ---- phases -------------------------------------------------------------------------

@@ -203,11 +203,14 @@ fn output_tail(out: &Output) -> String {
 }
 
 /// Run `f` for every node at once (one thread each), results in node order.
-pub fn exec_all<R, T, F>(remote: &R, nodes: &[&str], f: F) -> Vec<(String, Result<T, RemoteError>)>
+/// A thread that panicked reports as an error of its node instead of taking the
+/// others down.
+pub fn exec_all<R, T, E, F>(remote: &R, nodes: &[&str], f: F) -> Vec<(String, Result<T, E>)>
 where
     R: Remote + ?Sized,
     T: Send,
-    F: Fn(&R, &str) -> Result<T, RemoteError> + Sync,
+    E: Send + From<RemoteError>,
+    F: Fn(&R, &str) -> Result<T, E> + Sync,
 {
     std::thread::scope(|s| {
         let handles: Vec<_> = nodes
@@ -226,7 +229,8 @@ where
                         node: n.to_string(),
                         cmd: String::new(),
                         reason: "worker thread panicked".into(),
-                    })
+                    }
+                    .into())
                 });
                 (n.to_string(), r)
             })

@@ -26,20 +26,14 @@ use crate::components::{ComponentCatalog, CNI_BIN, LOCAL_BIN};
 use crate::plan::{LabPlan, NodePlan};
 use crate::scenario::Role;
 
-/// Where files live on the nodes. These match the PKI distribution's destinations.
+/// Where files live on the nodes: the PKI distribution's destinations plus the
+/// units' and configs' own paths.
 pub mod on_node {
-    pub const KUBERNETES_DIR: &str = "/var/lib/kubernetes";
-    pub const ETCD_DIR: &str = "/etc/etcd";
+    /// The certificate and kubeconfig destinations, decided by the PKI distribution.
+    pub use crate::pki::distribute::on_node::*;
+
     pub const ETCD_DATA_DIR: &str = "/var/lib/etcd";
-    pub const KUBELET_DIR: &str = "/var/lib/kubelet";
-    pub const KUBE_PROXY_DIR: &str = "/var/lib/kube-proxy";
-    pub const ENCRYPTION_CONFIG: &str = "/var/lib/kubernetes/encryption-config.yaml";
-    pub const KUBELET_CERT: &str = "/var/lib/kubelet/kubelet.pem";
-    pub const KUBELET_KEY: &str = "/var/lib/kubelet/kubelet-key.pem";
-    pub const KUBELET_CA: &str = "/var/lib/kubelet/ca.pem";
-    pub const KUBELET_KUBECONFIG: &str = "/var/lib/kubelet/kubeconfig";
     pub const KUBELET_CONFIG: &str = "/var/lib/kubelet/kubelet-config.yaml";
-    pub const KUBE_PROXY_KUBECONFIG: &str = "/var/lib/kube-proxy/kubeconfig";
     pub const KUBE_PROXY_CONFIG: &str = "/var/lib/kube-proxy/kube-proxy-config.yaml";
     pub const SCHEDULER_CONFIG: &str = "/etc/kubernetes/config/kube-scheduler.yaml";
     pub const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
@@ -49,12 +43,6 @@ pub mod on_node {
 
     pub fn k8s(file: &str) -> String {
         format!("{KUBERNETES_DIR}/{file}")
-    }
-    pub fn etcd_cert(node: &str) -> String {
-        format!("{ETCD_DIR}/etcd-{node}.pem")
-    }
-    pub fn etcd_key(node: &str) -> String {
-        format!("{ETCD_DIR}/etcd-{node}-key.pem")
     }
     pub fn etcd_ca() -> String {
         format!("{ETCD_DIR}/ca.pem")

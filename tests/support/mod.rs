@@ -113,3 +113,25 @@ pub fn shared_image() -> PathBuf {
     );
     img.dir
 }
+
+/// Compare `actual` with the golden file `tests/golden/<rel>`; `UPDATE_GOLDEN=1`
+/// rewrites it (review the diff).
+pub fn golden(rel: &str, actual: &str) {
+    let path = root().join("tests/golden").join(rel);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with UPDATE_GOLDEN=1 to create it)",
+            path.display()
+        )
+    });
+    assert!(
+        expected == actual,
+        "{} differs from the golden file; run with UPDATE_GOLDEN=1 if the change is intended\n--- expected\n{expected}\n--- actual\n{actual}",
+        path.display()
+    );
+}
