@@ -221,6 +221,25 @@ fn create_until_runtime_converges_and_destroy_leaves_nothing() {
     .status
     .success());
 
+    // The Kubernetes binaries are not in the cache here: the next phase says so.
+    let o = kthw(
+        &state,
+        &[
+            "create",
+            f,
+            "--from",
+            "control-plane",
+            "--until",
+            "control-plane",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(12));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("kube-apiserver") && err.contains("cache import"),
+        "{err}"
+    );
+
     // stop powers the VMs off and stops the balancer; start brings the same lab back
     // (as after a host reboot) without bootstrapping: the services are enabled units.
     let o = kthw(&state, &["stop", "e2e"]);
@@ -272,15 +291,6 @@ fn create_until_runtime_converges_and_destroy_leaves_nothing() {
         "test -e /etc/etcd/ca.pem && echo yes || echo no"
     )
     .contains("no"));
-
-    // The Kubernetes binaries are not in the cache here: the next phase says so.
-    let o = kthw(&state, &["create", f, "--until", "control-plane"]);
-    assert_eq!(o.status.code(), Some(12));
-    let err = text(&o.stderr);
-    assert!(
-        err.contains("kube-apiserver") && err.contains("cache import"),
-        "{err}"
-    );
 
     // Destroy, then prove nothing is left on the real system.
     let t2 = std::time::Instant::now();
