@@ -32,6 +32,8 @@ CREATE_FLAGS := $(if $(UNTIL),--until $(UNTIL),)
 
 lab: deps-lab build
 ifeq ($(SANDBOX),1)
+	# The sandbox has no network: get the lab's image into the cache first.
+	$(BIN_RELEASE) image pull $$($(BIN_RELEASE) plan $(SCENARIO) -o json | sed -n 's/^  "image": "\(.*\)",$$/\1/p')
 	scripts/netns-run scripts/sandbox-lab $(abspath $(BIN_RELEASE)) $(SCENARIO) $(CREATE_FLAGS)
 else
 	$(BIN_RELEASE) create $(SCENARIO) $(CREATE_FLAGS)

@@ -23,6 +23,8 @@ pub struct NodeStatus {
     pub ssh: bool,
     /// Expected units and whether each is active.
     pub units: BTreeMap<String, bool>,
+    /// Whether routes were checked (the `routes` phase has run).
+    pub routes_checked: bool,
     /// Expected pod routes missing on the node (empty = all there).
     pub missing_routes: Vec<String>,
     pub error: Option<String>,
@@ -115,6 +117,7 @@ pub fn collect(plan: &LabPlan, journal: &Journal, connect: &str) -> LabStatus {
                         domain,
                         ssh: false,
                         units: BTreeMap::new(),
+                        routes_checked: false,
                         missing_routes: Vec::new(),
                         error: None,
                     };
@@ -144,6 +147,7 @@ pub fn collect(plan: &LabPlan, journal: &Journal, connect: &str) -> LabStatus {
                     if routes_done {
                         let expected = crate::render::units::pod_routes(plan, n);
                         if let Ok(o) = r.exec(&n.name, "ip -j route show", QUICK) {
+                            st.routes_checked = true;
                             match crate::actions::bootstrap::missing_routes(&expected, &o.stdout) {
                                 Ok(m) => {
                                     st.missing_routes = m
@@ -228,7 +232,9 @@ pub fn render_table(s: &LabStatus) -> String {
             n.domain.clone(),
             if n.ssh { "ok".into() } else { "no".into() },
             units,
-            if n.missing_routes.is_empty() {
+            if !n.routes_checked {
+                "-".into()
+            } else if n.missing_routes.is_empty() {
                 "ok".into()
             } else {
                 format!("missing {}", n.missing_routes.join(", "))
