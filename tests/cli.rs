@@ -242,11 +242,23 @@ fn destroy_removes_the_state_dir_and_is_safe_to_repeat() {
     let dir = tempfile::tempdir().unwrap();
     seed_state(dir.path(), "scenarios/1m1w.yaml");
     assert!(dir.path().join("labs/k1m1w/plan.json").exists());
-    let o = run_in(dir.path(), &["destroy", "k1m1w"]);
+    // No daemon in this test: libvirt's in-process test driver stands in.
+    let o = run_in(
+        dir.path(),
+        &["destroy", "k1m1w", "--connect", "test:///default"],
+    );
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert!(text(&o.stderr).contains("lab `k1m1w` destroyed in"));
     assert!(!dir.path().join("labs/k1m1w").exists());
-    let o = run_in(dir.path(), &["destroy", "scenarios/1m1w.yaml"]);
+    let o = run_in(
+        dir.path(),
+        &[
+            "destroy",
+            "scenarios/1m1w.yaml",
+            "--connect",
+            "test:///default",
+        ],
+    );
     assert!(o.status.success(), "{}", text(&o.stderr));
     let o = run_in(dir.path(), &["destroy", "Not A Lab"]);
     assert_eq!(o.status.code(), Some(2));

@@ -667,13 +667,25 @@ fn plan_files(plan: Option<&LabPlan>) -> Vec<PathBuf> {
     .unwrap_or_default()
 }
 
+/// The lab's journal shows that phase `domains` never started, so libvirt holds
+/// nothing of it (and need not be reachable to destroy the lab).
+fn never_defined_domains(plan: Option<&LabPlan>) -> bool {
+    plan.and_then(|p| std::fs::read(&p.paths.journal).ok())
+        .and_then(|b| serde_json::from_slice::<super::Journal>(&b).ok())
+        .is_some_and(|j| j.get(Phase::Domains).is_none())
+}
+
 impl Remover for DomainsRemover {
     fn what(&self) -> &'static str {
         "domains"
     }
 
     fn remove(&self, lab: &str, plan: Option<&LabPlan>) -> Result<Vec<String>> {
-        let hv = connect_hypervisor(&self.connect)?;
+        let hv = match connect_hypervisor(&self.connect) {
+            Ok(hv) => hv,
+            Err(_) if never_defined_domains(plan) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
         let r = crate::host::libvirt::remove_lab(&hv, lab, &plan_files(plan))
             .map_err(|e| provision(format!("domains of lab `{lab}`"), e.hint(), e))?;
         let mut out = r.domains.clone();
@@ -684,7 +696,11 @@ impl Remover for DomainsRemover {
     }
 
     fn residue(&self, lab: &str, plan: Option<&LabPlan>) -> Result<Vec<String>> {
-        let hv = connect_hypervisor(&self.connect)?;
+        let hv = match connect_hypervisor(&self.connect) {
+            Ok(hv) => hv,
+            Err(_) if never_defined_domains(plan) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
         let mut out: Vec<String> = crate::host::libvirt::Hypervisor::list_lab_domains(&hv, lab)
             .map_err(|e| provision(format!("domains of lab `{lab}`"), e.hint(), e))?
             .into_iter()
