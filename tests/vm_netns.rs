@@ -39,7 +39,9 @@ fn netns_run_isolates_libvirt_and_cleans_up() {
         "set -e\n\
          echo ns=$KTHW_NETNS_NAME\n\
          ip -o link show lo | grep -q 'UP'\n\
-         test \"$(ip -o link | wc -l)\" -eq 1\n\
+         test \"$(ip -o link | wc -l)\" -eq 3\n\
+         ip -o link show kthw-up0 >/dev/null\n\
+         ip route | grep -q '^default dev kthw-up0'\n\
          virsh -q -c qemu:///system list --all --name | grep -c . || true\n\
          echo \"{xml}\" > /run/libvirt/probe.xml\n\
          virsh -q -c qemu:///system define /run/libvirt/probe.xml >/dev/null\n\
