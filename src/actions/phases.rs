@@ -166,9 +166,13 @@ impl Action for PkiPhase {
                 source: None,
             });
         }
+        use crate::pki::Outcome;
+        let count = |o| report.with(o).len();
         line.done(&format!(
-            "{}; {} kubeconfigs",
-            report.summary(),
+            "{} issued, {} re-issued, {} kept; {} kubeconfigs",
+            count(Outcome::Issued),
+            count(Outcome::Reissued),
+            count(Outcome::Kept),
             kubeconfigs.len()
         ));
         Ok(())
