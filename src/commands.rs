@@ -296,40 +296,32 @@ fn cmd_list(output: StatusOutput, state_dir: &Path) -> Result<()> {
                 .unwrap_or_else(|| "planned".into()),
         });
     }
-    let text = match output {
-        StatusOutput::Json => {
-            let mut s = serde_json::to_string_pretty(&rows).expect("rows serialize");
-            s.push('\n');
-            s
+    emit(output, &rows, |rows| {
+        if rows.is_empty() {
+            return format!("no labs under {}\n", state_dir.display());
         }
-        StatusOutput::Table if rows.is_empty() => {
-            format!("no labs under {}\n", state_dir.display())
+        let mut t = vec![vec![
+            "LAB".to_string(),
+            "NODES".into(),
+            "BRIDGE".into(),
+            "SUBNET".into(),
+            "API".into(),
+            "LAST PHASE".into(),
+            "STATE".into(),
+        ]];
+        for r in rows {
+            t.push(vec![
+                r.lab.clone(),
+                r.nodes.to_string(),
+                r.bridge.clone(),
+                r.subnet.clone(),
+                r.api.clone(),
+                r.last_phase.clone().unwrap_or_else(|| "-".into()),
+                r.state.clone(),
+            ]);
         }
-        StatusOutput::Table => {
-            let mut t = vec![vec![
-                "LAB".to_string(),
-                "NODES".into(),
-                "BRIDGE".into(),
-                "SUBNET".into(),
-                "API".into(),
-                "LAST PHASE".into(),
-                "STATE".into(),
-            ]];
-            for r in &rows {
-                t.push(vec![
-                    r.lab.clone(),
-                    r.nodes.to_string(),
-                    r.bridge.clone(),
-                    r.subnet.clone(),
-                    r.api.clone(),
-                    r.last_phase.clone().unwrap_or_else(|| "-".into()),
-                    r.state.clone(),
-                ]);
-            }
-            crate::plan::rows_to_text(&t)
-        }
-    };
-    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+        crate::plan::rows_to_text(&t)
+    });
     Ok(())
 }
 
@@ -358,14 +350,7 @@ pub fn saved_plan(state_dir: &Path, lab: &str) -> Result<crate::plan::LabPlan> {
 
 fn cmd_logs(lab: &str, node: &str, state_dir: &Path) -> Result<()> {
     let plan = saved_plan(state_dir, lab)?;
-    let Some(n) = plan.node(node) else {
-        let names: Vec<&str> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
-        return Err(Error::Other {
-            what: format!("lab `{lab}` has no node `{node}`"),
-            hint: Some(format!("its nodes: {}", names.join(", "))),
-            source: None,
-        });
-    };
+    let n = lab_node(&plan, node)?;
     match std::fs::read(&n.console_log) {
         Ok(bytes) => {
             let _ = std::io::stdout().lock().write_all(&bytes);
@@ -448,6 +433,32 @@ fn cmd_destroy(arg: &str, purge_cache: bool, connect: &str, state_dir: &Path) ->
         report.removed.len()
     );
     Ok(())
+}
+
+/// Print `v` as a table or as JSON on standard output.
+fn emit<T: serde::Serialize>(output: StatusOutput, v: &T, table: impl FnOnce(&T) -> String) {
+    let text = match output {
+        StatusOutput::Table => table(v),
+        StatusOutput::Json => {
+            let mut s = serde_json::to_string_pretty(v).expect("output serializes");
+            s.push('\n');
+            s
+        }
+    };
+    // A closed pipe (e.g. `| head`) is not an error worth reporting.
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+/// A node of a lab by name, or an error listing the lab's nodes.
+fn lab_node<'p>(plan: &'p crate::plan::LabPlan, node: &str) -> Result<&'p crate::plan::NodePlan> {
+    plan.node(node).ok_or_else(|| {
+        let names: Vec<&str> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
+        Error::Other {
+            what: format!("lab `{}` has no node `{node}`", plan.lab),
+            hint: Some(format!("its nodes: {}", names.join(", "))),
+            source: None,
+        }
+    })
 }
 
 /// Catalog roots for commands that have no scenario: the current directory (a
@@ -592,11 +603,7 @@ fn cmd_certs_check(lab: &str, output: StatusOutput, state_dir: &Path) -> Result<
     let plan = saved_plan(state_dir, lab)?;
     let mut findings = crate::pki::lint(&plan);
     findings.extend(crate::pki::lint_kubeconfigs(&plan));
-    let text = match output {
-        StatusOutput::Table => crate::pki::lint::render_table(&findings),
-        StatusOutput::Json => crate::pki::lint::to_json(&findings),
-    };
-    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    emit(output, &findings, |f| crate::pki::lint::render_table(f));
     if findings.is_empty() {
         Ok(())
     } else {
@@ -625,34 +632,16 @@ fn cmd_lb_status(lab: &str, output: StatusOutput, state_dir: &Path) -> Result<()
         )),
         source: Some(Box::new(e)),
     })?;
-    let text = match output {
-        StatusOutput::Table => crate::lb::render_table(&status),
-        StatusOutput::Json => {
-            let mut s = serde_json::to_string_pretty(&status).expect("status serializes");
-            s.push('\n');
-            s
-        }
-    };
-    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    emit(output, &status, crate::lb::render_table);
     Ok(())
 }
 
 fn cmd_status(lab: &str, output: StatusOutput, connect: &str, state_dir: &Path) -> Result<()> {
     let plan = saved_plan(state_dir, lab)?;
-    let journal: Journal = std::fs::read(&plan.paths.journal)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
+    let journal = read_journal(&plan)
         .unwrap_or_else(|| Journal::open(&plan.paths.journal, lab, "").expect("a new journal"));
     let st = actions::status::collect(&plan, &journal, connect);
-    let text = match output {
-        StatusOutput::Table => actions::status::render_table(&st),
-        StatusOutput::Json => {
-            let mut s = serde_json::to_string_pretty(&st).expect("status serializes");
-            s.push('\n');
-            s
-        }
-    };
-    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    emit(output, &st, actions::status::render_table);
     if st.ok() {
         Ok(())
     } else {
@@ -671,14 +660,7 @@ fn cmd_status(lab: &str, output: StatusOutput, connect: &str, state_dir: &Path) 
 fn cmd_ssh(lab: &str, node: &str, command: &[String], state_dir: &Path) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let plan = saved_plan(state_dir, lab)?;
-    let Some(n) = plan.node(node) else {
-        let names: Vec<&str> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
-        return Err(Error::Other {
-            what: format!("lab `{lab}` has no node `{node}`"),
-            hint: Some(format!("its nodes: {}", names.join(", "))),
-            source: None,
-        });
-    };
+    let n = lab_node(&plan, node)?;
     let key = crate::host::ssh::user_key_path(&plan);
     let known = plan.paths.ssh.join("known_hosts");
     if !key.exists() {
