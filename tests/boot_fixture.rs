@@ -63,30 +63,6 @@ pub fn lab_plan(
     plan(&s, &text, state_dir)
 }
 
-/// Compare `actual` with the golden file `tests/golden/<rel>`; `UPDATE_GOLDEN=1` rewrites it.
-pub fn golden(rel: &str, actual: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden")
-        .join(rel);
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, actual).unwrap();
-        return;
-    }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "golden file {}: {e} (run with UPDATE_GOLDEN=1 to create it)",
-            path.display()
-        )
-    });
-    assert_eq!(
-        expected,
-        actual,
-        "output differs from {} (UPDATE_GOLDEN=1 rewrites it)",
-        path.display()
-    );
-}
-
 /// Whether a program is on PATH.
 pub fn have(program: &str) -> bool {
     std::env::var_os("PATH")

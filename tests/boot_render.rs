@@ -3,6 +3,7 @@
 
 #[path = "boot_fixture.rs"]
 mod fixture;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -63,9 +64,9 @@ fn cloudinit_seed_golden() {
     let plan = fixture::lab_plan("golden", 1, 1, 768, &state_dir());
     let node = plan.node("m1").unwrap();
     let seed = render_seed(&plan, node, &KEYS);
-    fixture::golden("cloudinit/golden-m1/meta-data", &seed.meta_data);
-    fixture::golden("cloudinit/golden-m1/network-config", &seed.network_config);
-    fixture::golden("cloudinit/golden-m1/user-data", &seed.user_data);
+    support::golden("cloudinit/golden-m1/meta-data", &seed.meta_data);
+    support::golden("cloudinit/golden-m1/network-config", &seed.network_config);
+    support::golden("cloudinit/golden-m1/user-data", &seed.user_data);
 }
 
 #[test]
@@ -108,7 +109,7 @@ fn domain_tcg_direct_kernel_golden_and_valid() {
     let plan = fixture::lab_plan("golden", 1, 1, 768, &state_dir());
     for node in &plan.nodes {
         let xml = render_domain(&plan, node, &direct(Accel::Tcg)).unwrap();
-        fixture::golden(&format!("domain/golden-{}-tcg.xml", node.name), &xml);
+        support::golden(&format!("domain/golden-{}-tcg.xml", node.name), &xml);
         validate(&xml, &node.domain);
         assert!(xml.contains("<domain type=\"qemu\">"));
         assert!(xml.contains("<tb-cache unit=\"MiB\">256</tb-cache>"));
@@ -138,7 +139,7 @@ fn domain_kvm_firmware_iso_golden_and_valid() {
         seed: SeedKind::Iso,
     };
     let xml = render_domain(&plan, node, &opts).unwrap();
-    fixture::golden("domain/golden-n1-kvm-firmware.xml", &xml);
+    support::golden("domain/golden-n1-kvm-firmware.xml", &xml);
     validate(&xml, "kvm firmware domain");
     assert!(xml.contains("<domain type=\"kvm\">"));
     assert!(!xml.contains("tb-cache"));
