@@ -105,9 +105,29 @@ fn seed_is_a_cidata_fat_volume_with_the_rendered_files() {
     let (label, entries) = read_seed(&node.seed_path).unwrap();
     assert_eq!(label, "CIDATA");
     let names: Vec<&str> = entries.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["meta-data", "network-config", "user-data"]);
-    assert_eq!(entries[2].1, files.user_data);
-    assert!(entries[2]
+    assert_eq!(
+        names,
+        [
+            "kthw/authorized_keys",
+            "kthw/eth0.network",
+            "kthw/hostname",
+            "kthw/hosts",
+            "kthw/resolv.conf",
+            "kthw/ssh_host_ed25519_key",
+            "kthw/ssh_host_ed25519_key.pub",
+            "kthw/user",
+            "meta-data",
+            "network-config",
+            "user-data",
+        ]
+    );
+    let user_data = &entries[names.iter().position(|n| *n == "user-data").unwrap()];
+    assert_eq!(user_data.1, files.user_data);
+    for (name, content) in &files.kthw {
+        let read = &entries[names.iter().position(|n| *n == format!("kthw/{name}")).unwrap()];
+        assert_eq!(&read.1, content, "kthw/{name} reads back as written");
+    }
+    assert!(user_data
         .1
         .contains(keys.hosts["m1"].public_openssh.as_str()));
     if require("blkid", "util-linux") {

@@ -80,6 +80,82 @@ read -r -d '' initramfs_hook <<'HOOK' || true
 manual_add_modules virtio_pci virtio_blk virtio_net virtio_console ext4 vfat nls_cp437 nls_ascii
 HOOK
 
+# The lean first boot (first_boot: kthw-seed in images/kthw-debian12.yaml). The tool boots
+# the image with `cloud-init=disabled` and a seed whose kthw/ directory holds the node's
+# facts as plain files. The initrd installs them into the root filesystem before systemd
+# starts, so the first boot runs no Python and waits for no device but the root disk.
+# A seed without kthw/ (or no seed) leaves the root untouched: cloud-init then works as
+# in a stock cloud image.
+read -r -d '' initrd_seed <<'SCRIPT' || true
+#!/bin/sh
+# kthw-lab: apply the node's seed (second virtio disk, FAT, kthw/ directory).
+case "$1" in prereqs) exit 0 ;; esac
+. /scripts/functions
+dev=/dev/vdb
+[ -b "$dev" ] || exit 0
+modprobe -q vfat || true
+mnt="${rootmnt}/mnt"
+mount -t vfat -o ro "$dev" "$mnt" 2>/dev/null || exit 0
+if [ -d "$mnt/kthw" ]; then
+    if chroot "${rootmnt}" /usr/libexec/kthw/apply-seed /mnt/kthw; then
+        log_success_msg "kthw-seed: applied"
+    else
+        log_failure_msg "kthw-seed: apply-seed failed"
+    fi
+fi
+umount "$mnt"
+exit 0
+SCRIPT
+
+# Runs chrooted into the root filesystem from the initrd (no /proc, /dev or /sys there):
+# installs hostname, hosts, resolver, network, host key and the lab user. Every boot,
+# idempotently, so a changed seed takes effect on the next boot.
+read -r -d '' apply_seed <<'SCRIPT' || true
+#!/bin/sh
+set -eu
+seed=$1
+install -m 0644 "$seed/hostname" /etc/hostname
+install -m 0644 "$seed/hosts" /etc/hosts
+rm -f /etc/resolv.conf
+install -m 0644 "$seed/resolv.conf" /etc/resolv.conf
+install -D -m 0644 "$seed/eth0.network" /etc/systemd/network/10-kthw-eth0.network
+install -m 0600 "$seed/ssh_host_ed25519_key" /etc/ssh/ssh_host_ed25519_key
+install -m 0644 "$seed/ssh_host_ed25519_key.pub" /etc/ssh/ssh_host_ed25519_key.pub
+user=$(cat "$seed/user")
+case "$user" in ""|*[!a-z0-9_-]*) echo "apply-seed: bad user name" >&2; exit 1 ;; esac
+if [ -z "$(getent passwd "$user" || true)" ]; then
+    useradd --create-home --shell /bin/bash "$user"
+fi
+printf '%s ALL=(ALL) NOPASSWD:ALL\n' "$user" >/etc/sudoers.d/90-kthw-user
+chmod 0440 /etc/sudoers.d/90-kthw-user
+home=$(getent passwd "$user" | cut -d: -f6)
+install -d -m 0700 -o "$user" -g "$user" "$home/.ssh"
+install -m 0600 -o "$user" -g "$user" "$seed/authorized_keys" "$home/.ssh/authorized_keys"
+SCRIPT
+
+# Grow the root filesystem to the node's overlay size, off the path to the first login
+# (cloud-init does this itself when it runs).
+read -r -d '' growfs_unit <<'UNIT' || true
+[Unit]
+Description=Grow the root filesystem to its disk (kthw-lab lean boot)
+ConditionKernelCommandLine=cloud-init=disabled
+After=local-fs.target
+
+[Service]
+Type=oneshot
+ExecStart=/sbin/resize2fs /dev/vda
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+
+# sshd checks its configuration (sshd -t) before every start; the configuration is
+# fixed at build time, and under emulation that check costs a second of the first boot.
+read -r -d '' ssh_dropin <<'UNIT' || true
+[Service]
+ExecStartPre=
+UNIT
+
 # cloud-init: only the NoCloud seed, network written for systemd-networkd.
 read -r -d '' cloud_cfg <<'CFG' || true
 datasource_list: [NoCloud, None]
@@ -90,6 +166,10 @@ locale: false
 resize_rootfs: noblock
 CFG
 
+printf '%s\n' "$initrd_seed" >"$work/kthw-seed.initrd"
+printf '%s\n' "$apply_seed" >"$work/apply-seed"
+printf '%s\n' "$growfs_unit" >"$work/kthw-growfs.service"
+printf '%s\n' "$ssh_dropin" >"$work/ssh-dropin.conf"
 echo "build.sh: mmdebstrap bookworm -> $rootfs"
 mmdebstrap --variant=minbase --mode=root --format=directory \
     --aptopt='Apt::Install-Recommends "false"' \
@@ -103,13 +183,23 @@ mmdebstrap --variant=minbase --mode=root --format=directory \
     --include="$(IFS=,; echo "${packages[*]}")" \
     "${cache_opts[@]}" \
     --essential-hook="mkdir -p \"\$1/etc/initramfs-tools/hooks\" && printf '%s\n' '$initramfs_hook' > \"\$1/etc/initramfs-tools/hooks/kthw-virtio\" && chmod 755 \"\$1/etc/initramfs-tools/hooks/kthw-virtio\"" \
+    --essential-hook='mkdir -p "$1/etc/initramfs-tools/scripts/local-bottom"' \
+    --essential-hook="upload $work/kthw-seed.initrd /etc/initramfs-tools/scripts/local-bottom/kthw-seed" \
+    --essential-hook='chmod 0755 "$1/etc/initramfs-tools/scripts/local-bottom/kthw-seed"' \
     --customize-hook="printf '%s\n' '$cloud_cfg' > \"\$1/etc/cloud/cloud.cfg.d/90-kthw.cfg\"" \
+    --customize-hook='mkdir -p "$1/usr/libexec/kthw" "$1/etc/systemd/system/ssh.service.d"' \
+    --customize-hook="upload $work/apply-seed /usr/libexec/kthw/apply-seed" \
+    --customize-hook='chmod 0755 "$1/usr/libexec/kthw/apply-seed"' \
+    --customize-hook="upload $work/kthw-growfs.service /etc/systemd/system/kthw-growfs.service" \
+    --customize-hook='chroot "$1" systemctl enable kthw-growfs.service' \
+    --customize-hook="upload $work/ssh-dropin.conf /etc/systemd/system/ssh.service.d/50-kthw.conf" \
     --customize-hook='printf "/dev/vda / ext4 rw,relatime 0 0\n" > "$1/etc/fstab"' \
     --customize-hook='chroot "$1" systemctl enable systemd-networkd.service' \
     --customize-hook='chroot "$1" systemctl mask e2scrub_reap.service e2scrub_all.timer apt-daily.timer apt-daily-upgrade.timer fstrim.timer dpkg-db-backup.timer systemd-networkd-wait-online.service' \
+    --customize-hook='chroot "$1" systemctl mask systemd-update-utmp.service systemd-update-utmp-runlevel.service systemd-sysusers.service modprobe@drm.service modprobe@efi_pstore.service modprobe@fuse.service modprobe@dm_mod.service sys-kernel-debug.mount sys-kernel-tracing.mount dev-hugepages.mount systemd-binfmt.service proc-sys-fs-binfmt_misc.automount getty@tty1.service' \
     --customize-hook='chroot "$1" systemctl disable etcd.service containerd.service' \
     --customize-hook='rm -f "$1"/etc/ssh/ssh_host_*' \
-    --customize-hook='printf "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin no\n" > "$1/etc/ssh/sshd_config.d/50-kthw.conf"' \
+    --customize-hook='printf "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin no\nHostKey /etc/ssh/ssh_host_ed25519_key\n" > "$1/etc/ssh/sshd_config.d/50-kthw.conf"' \
     --customize-hook=': > "$1/etc/machine-id"; rm -f "$1/var/lib/dbus/machine-id"' \
     --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin "$1"/var/log/*.log' \
     --customize-hook='echo kthw > "$1/etc/hostname"' \
@@ -127,6 +217,10 @@ for m in virtio_blk virtio_net ext4 vfat; do
         echo "build.sh: module $m is neither in the initrd nor built into $kver" >&2
         exit 1
     fi
+done
+# The lean first boot needs its script and a chroot in the initrd.
+for f in 'scripts/local-bottom/kthw-seed' 'bin/chroot'; do
+    grep -q "$f\$" <<<"$in_initrd" || { echo "build.sh: the initrd lacks $f" >&2; exit 1; }
 done
 cp "$kernel" "$work/vmlinuz"
 cp "$initrd" "$work/initrd.img"

@@ -187,6 +187,16 @@ pub(crate) fn cache_error(what: String, e: CacheError) -> Error {
     }
 }
 
+/// What the kernel command line adds for the image's first-boot path: an image whose
+/// initrd applies the seed boots with cloud-init switched off (its generator honours
+/// `cloud-init=disabled`), so not one Python process runs at boot.
+pub fn first_boot_cmdline(first_boot: crate::cache::FirstBoot) -> &'static str {
+    match first_boot {
+        crate::cache::FirstBoot::CloudInit => "",
+        crate::cache::FirstBoot::KthwSeed => "cloud-init=disabled",
+    }
+}
+
 /// The lab's base image from the cache: pulled or built and verified on first use,
 /// then just looked up (cheap), so every phase that needs its paths calls this.
 pub(crate) fn lab_image(
@@ -559,7 +569,7 @@ impl Action for DomainsPhase {
                         img.name
                     ))
                 })?,
-                extra_cmdline: String::new(),
+                extra_cmdline: first_boot_cmdline(img.first_boot).to_string(),
             },
             BootMethod::Firmware => Boot::Firmware,
         };

@@ -12,7 +12,8 @@
 //! format        qcow2 | raw                       (the disk's format)
 //! boot          firmware | direct-kernel          (bootloader in the image, or libvirt
 //!                                                  loads kernel + initrd)
-//! first_boot    cloud-init
+//! first_boot    cloud-init | kthw-seed            (kthw-seed: the initrd applies the
+//!                                                  seed's kthw/ files; direct-kernel only)
 //! -- source: download
 //! urls          list of http(s) URLs, tried in order (mirrors of one file)
 //! file          cache file name (default: last segment of the first URL)
@@ -101,11 +102,19 @@ impl Keyword for BootMethod {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FirstBoot {
+    /// cloud-init reads the NoCloud files of the seed (stock cloud images).
     CloudInit,
+    /// The image's initrd applies the seed's `kthw/` directory (hostname, network, user,
+    /// keys) before systemd starts; cloud-init is turned off on the kernel command line.
+    /// Only an image built by kthw-lab has it, and only with direct kernel boot.
+    KthwSeed,
 }
 
 impl Keyword for FirstBoot {
-    const WORDS: &'static [(&'static str, Self)] = &[("cloud-init", FirstBoot::CloudInit)];
+    const WORDS: &'static [(&'static str, Self)] = &[
+        ("cloud-init", FirstBoot::CloudInit),
+        ("kthw-seed", FirstBoot::KthwSeed),
+    ];
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -626,6 +635,15 @@ fn decode_entry(name: &str, root: &Node, cx: &mut Ctx, dir: Option<&Path>) -> Op
             }
         }
         None => {}
+    }
+    if first_boot == Some(FirstBoot::KthwSeed) && boot == Some(BootMethod::Firmware) {
+        if let Some(n) = m.node("first_boot") {
+            cx.error(
+                n.pos,
+                "first_boot",
+                "first_boot: kthw-seed needs boot: direct-kernel (the tool sets the kernel command line)",
+            );
+        }
     }
     m.finish(cx);
     if cx.has_errors() {

@@ -163,6 +163,10 @@ impl Cache {
                     checksum: ChecksumSpec::Pinned(pin),
                     ..
                 } => m.artifact(&spec.disk).is_some_and(|r| r.checksum == *pin),
+                ImageSource::Build {
+                    recipe_path: Some(recipe),
+                    ..
+                } => recipe_unchanged(recipe, m),
                 _ => true,
             }
     }
@@ -430,6 +434,17 @@ impl Cache {
         }
         out
     }
+}
+
+/// A built entry is current only while its recipe is the one that built it: an edited
+/// recipe (say, a new first-boot path) must not keep serving the old image. A recipe
+/// that cannot be read keeps the entry (the build would fail the same way).
+fn recipe_unchanged(recipe: &Path, m: &Manifest) -> bool {
+    use sha2::{Digest, Sha256};
+    let (Some(recorded), Ok(bytes)) = (&m.recipe_sha256, std::fs::read(recipe)) else {
+        return true;
+    };
+    hex::encode(Sha256::digest(&bytes)) == *recorded
 }
 
 fn lookup<'c>(catalog: &'c Catalog, name: &str) -> Result<&'c ImageSpec, CacheError> {

@@ -115,8 +115,12 @@ pub fn write_seed(path: &Path, files: &SeedFiles) -> Result<(), SeedError> {
                     .map_err(err("open the new FAT volume"))?;
             let root = fs.root_dir();
             for (name, content) in files.entries() {
+                if let Some((dir, _)) = name.rsplit_once('/') {
+                    root.create_dir(dir)
+                        .map_err(err(&format!("create directory {dir}")))?;
+                }
                 let mut file = root
-                    .create_file(name)
+                    .create_file(&name)
                     .map_err(err(&format!("create {name}")))?;
                 file.truncate().map_err(err(&format!("truncate {name}")))?;
                 file.write_all(content.as_bytes())
@@ -148,7 +152,8 @@ fn seed_volume_id(files: &SeedFiles) -> u32 {
     u32::from_be_bytes([d[0], d[1], d[2], d[3]])
 }
 
-/// Read a seed back: its BPB volume label (trimmed) and its files, sorted by name.
+/// Read a seed back: its BPB volume label (trimmed) and its files (paths relative to the
+/// volume root, one directory level deep), sorted by path.
 pub fn read_seed(path: &Path) -> Result<(String, Vec<(String, String)>), SeedError> {
     let err = |what: &str| {
         let what = what.to_string();
@@ -163,17 +168,28 @@ pub fn read_seed(path: &Path) -> Result<(String, Vec<(String, String)>), SeedErr
         fatfs::FileSystem::new(f, fatfs::FsOptions::new()).map_err(err("open the FAT volume"))?;
     let label = fs.volume_label().trim_end().to_string();
     let mut out = Vec::new();
-    for entry in fs.root_dir().iter() {
-        let entry = entry.map_err(err("list the root directory"))?;
-        if !entry.is_file() {
-            continue;
+    let mut dirs = vec![(String::new(), fs.root_dir())];
+    while let Some((prefix, dir)) = dirs.pop() {
+        for entry in dir.iter() {
+            let entry = entry.map_err(err("list a directory"))?;
+            let name = entry.file_name();
+            if name == "." || name == ".." {
+                continue;
+            }
+            let path = format!("{prefix}{name}");
+            if entry.is_dir() {
+                if prefix.is_empty() {
+                    dirs.push((format!("{path}/"), entry.to_dir()));
+                }
+                continue;
+            }
+            let mut content = String::new();
+            entry
+                .to_file()
+                .read_to_string(&mut content)
+                .map_err(err(&format!("read {path}")))?;
+            out.push((path, content));
         }
-        let mut content = String::new();
-        entry
-            .to_file()
-            .read_to_string(&mut content)
-            .map_err(err(&format!("read {}", entry.file_name())))?;
-        out.push((entry.file_name(), content));
     }
     out.sort();
     Ok((label, out))

@@ -22,22 +22,34 @@ pub struct SeedKeys<'a> {
     pub host_public: &'a str,
 }
 
-/// The three files of a NoCloud seed.
+/// The files of a node's seed: the three NoCloud files at the root, and the same facts
+/// as plain files in the [`KTHW_DIR`] directory for images whose initrd applies them
+/// directly (`first_boot: kthw-seed`, no cloud-init at boot).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeedFiles {
     pub meta_data: String,
     pub network_config: String,
     pub user_data: String,
+    /// (file name inside [`KTHW_DIR`], content), in a fixed order.
+    pub kthw: Vec<(&'static str, String)>,
 }
 
+/// The seed directory read by the offline image's initrd (`images/kthw-debian12`).
+pub const KTHW_DIR: &str = "kthw";
+
 impl SeedFiles {
-    /// (file name on the CIDATA volume, content)
-    pub fn entries(&self) -> [(&'static str, &str); 3] {
-        [
-            ("meta-data", &self.meta_data),
-            ("network-config", &self.network_config),
-            ("user-data", &self.user_data),
-        ]
+    /// (path on the CIDATA volume, content): the NoCloud files at the root, then the
+    /// `kthw/` files.
+    pub fn entries(&self) -> Vec<(String, &str)> {
+        let mut out = vec![
+            ("meta-data".to_string(), self.meta_data.as_str()),
+            ("network-config".to_string(), self.network_config.as_str()),
+            ("user-data".to_string(), self.user_data.as_str()),
+        ];
+        for (name, content) in &self.kthw {
+            out.push((format!("{KTHW_DIR}/{name}"), content.as_str()));
+        }
+        out
     }
 }
 
@@ -165,7 +177,55 @@ pub fn render_meta_data(node: &NodePlan, network_config: &str, user_data: &str) 
     )
 }
 
-/// All three seed files of one node.
+/// The systemd-networkd unit of the lean first boot: the same static address, gateway
+/// and DNS as `network-config`, on the NIC with the planned MAC.
+pub fn render_networkd(plan: &LabPlan, node: &NodePlan) -> String {
+    let net = &plan.network;
+    let mut out = format!(
+        "# written by kthw-lab from the lab plan\n\
+         [Match]\n\
+         MACAddress={mac}\n\n\
+         [Network]\n\
+         Address={ip}/{prefix}\n\
+         Gateway={gw}\n",
+        mac = node.mac,
+        ip = node.ip,
+        prefix = net.subnet.prefix(),
+        gw = net.gateway,
+    );
+    for d in &net.dns {
+        out.push_str(&format!("DNS={d}\n"));
+    }
+    out.push_str("LinkLocalAddressing=no\nIPv6AcceptRA=no\n");
+    out
+}
+
+/// The `kthw/` files: what the image's `kthw-apply-seed` installs, one fact per file.
+pub fn render_kthw_files(
+    plan: &LabPlan,
+    node: &NodePlan,
+    keys: &SeedKeys,
+) -> Vec<(&'static str, String)> {
+    let resolv: String = plan
+        .network
+        .dns
+        .iter()
+        .map(|d| format!("nameserver {d}\n"))
+        .collect();
+    let line = |s: &str| format!("{}\n", s.trim());
+    vec![
+        ("hostname", line(&node.name)),
+        ("hosts", render_etc_hosts(plan)),
+        ("resolv.conf", resolv),
+        ("eth0.network", render_networkd(plan, node)),
+        ("user", line(&plan.ssh_user)),
+        ("authorized_keys", line(keys.user_public)),
+        ("ssh_host_ed25519_key", line(keys.host_private)),
+        ("ssh_host_ed25519_key.pub", line(keys.host_public)),
+    ]
+}
+
+/// Every seed file of one node.
 pub fn render_seed(plan: &LabPlan, node: &NodePlan, keys: &SeedKeys) -> SeedFiles {
     let network_config = render_network_config(plan, node);
     let user_data = render_user_data(plan, node, keys);
@@ -174,5 +234,6 @@ pub fn render_seed(plan: &LabPlan, node: &NodePlan, keys: &SeedKeys) -> SeedFile
         meta_data,
         network_config,
         user_data,
+        kthw: render_kthw_files(plan, node, keys),
     }
 }
