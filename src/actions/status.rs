@@ -420,3 +420,54 @@ pub fn render_table(s: &LabStatus) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kube::parse_node_list;
+
+    fn up() -> KubeStatus {
+        KubeStatus::Up {
+            endpoint: "https://10.200.1.15:6443".into(),
+            nodes: parse_node_list(include_str!("../../tests/fixtures/kube/nodes-2m2w.json"))
+                .unwrap(),
+            unregistered: vec![],
+        }
+    }
+
+    #[test]
+    fn a_not_ready_worker_is_shown_with_its_reason_and_fails_status() {
+        let k = up();
+        assert!(!k.ok());
+        let t = render_kube(&k);
+        assert!(t.starts_with(
+            "kubernetes api: answering at https://10.200.1.15:6443; nodes: n1 Ready, n2 NotReady\n"
+        ));
+        assert!(t.contains("  n2 is NotReady: KubeletNotReady container runtime network not ready"));
+        assert_eq!(k.node_cell("n1", Role::Worker), "Ready");
+        assert_eq!(k.node_cell("n2", Role::Worker), "NotReady");
+        assert_eq!(k.node_cell("m1", Role::Controller), "-");
+        let v = serde_json::to_value(&k).unwrap();
+        assert_eq!(v["state"], "up");
+        assert_eq!(v["nodes"][1]["ready"], "not-ready");
+    }
+
+    #[test]
+    fn before_the_control_plane_status_says_so_and_stays_ok() {
+        let k = KubeStatus::NotChecked {
+            reason: "the control-plane phase has not completed yet".into(),
+        };
+        assert!(k.ok());
+        assert_eq!(
+            render_kube(&k),
+            "kubernetes api: not checked: the control-plane phase has not completed yet\n"
+        );
+        assert_eq!(serde_json::to_value(&k).unwrap()["state"], "not-checked");
+        let down = KubeStatus::Unreachable {
+            endpoint: "https://10.200.1.15:6443".into(),
+            error: "connection refused".into(),
+        };
+        assert!(!down.ok());
+        assert!(render_kube(&down).contains("NOT ANSWERING"));
+    }
+}
