@@ -10,6 +10,7 @@ pub mod commands;
 pub mod components;
 pub mod error;
 pub mod host;
+pub mod kube;
 pub mod lb;
 pub mod pki;
 pub mod plan;

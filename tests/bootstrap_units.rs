@@ -55,10 +55,6 @@ fn rendered_files_match_golden_files() {
     for (node, f) in all_files(&p, &Bins::downloaded()) {
         support::golden(&golden_name(&node, &f.path), &f.content);
     }
-    support::golden(
-        "units/cluster/rbac-apiserver-to-kubelet.yaml",
-        &units::rbac_apiserver_to_kubelet(),
-    );
 }
 
 #[test]
@@ -157,12 +153,6 @@ fn yaml_documents_parse() {
     for text in [units::kube_scheduler_config(), units::kube_proxy_config(&p)] {
         let _: serde_json::Value = yaml_serde::from_str(&text).unwrap();
     }
-    let rbac = units::rbac_apiserver_to_kubelet();
-    for doc in rbac.split("\n---\n") {
-        let v: serde_json::Value = yaml_serde::from_str(doc).unwrap();
-        assert!(v["kind"].is_string());
-    }
-    assert!(rbac.contains("name: kube-apiserver-kubelet-client"));
 }
 
 // ---- flags catalog ------------------------------------------------------------

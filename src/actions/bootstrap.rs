@@ -25,8 +25,10 @@ use sha2::{Digest, Sha256};
 use crate::components::{
     cache_path, missing_components, missing_report, ArtifactKind, ChecksumSource, ComponentCatalog,
 };
+use crate::kube::{ApiClient, KubeError, PodInfo};
 use crate::plan::{LabPlan, NodePlan};
 use crate::remote::{all_ok, exec_all, sh_quote, Remote, RemoteError};
+use crate::render::manifests::{self, SmokeWorkload};
 use crate::render::units::{self, on_node, Bins, NodeOs, PodRoute, RenderedFile};
 use crate::scenario::Role;
 
@@ -51,6 +53,16 @@ impl From<(String, PathBuf, String, u32)> for FileCopy {
     }
 }
 
+/// Where a phase reports what it is waiting for (a progress line).
+#[derive(Clone, Copy)]
+pub struct Notify<'a>(pub &'a (dyn Fn(&str) + Sync));
+
+impl std::fmt::Debug for Notify<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Notify")
+    }
+}
+
 /// Everything the phases need besides the remote.
 #[derive(Debug, Clone)]
 pub struct Bootstrap<'a> {
@@ -63,8 +75,16 @@ pub struct Bootstrap<'a> {
     /// Certificates, keys and kubeconfigs per node.
     pub files: Vec<FileCopy>,
     /// An admin kubeconfig already on the first controller (for RBAC and smoke);
-    /// `None` skips what needs it.
+    /// `None` skips what needs it. [`Bootstrap::with_files`] sets it when the PKI
+    /// hands the controllers one.
     pub admin_kubeconfig: Option<String>,
+    /// The API through the load balancer, from the host (lab CA + admin certificate);
+    /// `None` skips the readiness wait and the workload smoke test.
+    pub api: Option<ApiClient>,
+    /// The smoke test's workload (image pinned by digest).
+    pub smoke_workload: SmokeWorkload,
+    /// Progress while waiting; `None` is silent.
+    pub notify: Option<Notify<'a>>,
     pub bins: Bins,
     pub os: NodeOs,
     /// How long to wait for services to come up (TCG is slow).
@@ -83,6 +103,10 @@ impl<'a> Bootstrap<'a> {
             from_image: Vec::new(),
             files: Vec::new(),
             admin_kubeconfig: None,
+            api: None,
+            smoke_workload: SmokeWorkload::builtin()
+                .expect("components/smoke.yaml is compiled in and unit-tested"),
+            notify: None,
             bins: Bins::downloaded(),
             os: NodeOs::default(),
             settle: Duration::from_secs(180),
@@ -101,6 +125,24 @@ impl<'a> Bootstrap<'a> {
         }
         self.bins = Bins::with_image(self.catalog, &self.plan.image, components);
         self
+    }
+
+    /// The PKI files to copy; the admin kubeconfig among the first controller's makes
+    /// RBAC and the smoke workload possible.
+    pub fn with_files(mut self, files: Vec<FileCopy>) -> Self {
+        let first = self.plan.controllers().next().map(|c| c.name.clone());
+        self.admin_kubeconfig = files
+            .iter()
+            .find(|f| Some(&f.node) == first.as_ref() && f.remote == on_node::ADMIN_KUBECONFIG)
+            .map(|f| f.remote.clone());
+        self.files = files;
+        self
+    }
+
+    fn say(&self, msg: &str) {
+        if let Some(n) = self.notify {
+            (n.0)(msg);
+        }
     }
 
     fn uses_image(&self, component: &str) -> bool {
@@ -131,6 +173,14 @@ pub enum BootstrapError {
         what: String,
         detail: String,
     },
+    #[error(transparent)]
+    Api(#[from] KubeError),
+    #[error("{step}: {detail}")]
+    Smoke {
+        step: String,
+        detail: String,
+        hint: String,
+    },
 }
 
 impl BootstrapError {
@@ -159,6 +209,8 @@ impl BootstrapError {
             BootstrapError::NotReady { node, what, .. } => Some(format!(
                 "look at `journalctl -u {what}` on {node}; the phase can be rerun"
             )),
+            BootstrapError::Api(e) => e.hint(),
+            BootstrapError::Smoke { hint, .. } => Some(hint.clone()),
         }
     }
 }
@@ -753,6 +805,13 @@ pub fn ensure_control_plane<R: Remote + ?Sized>(
         changed.extend(sync_copies(r, name, &b.files, |p| {
             !p.starts_with(on_node::ETCD_DIR)
         })?);
+        if b.files
+            .iter()
+            .any(|f| f.node == name && f.remote == on_node::ADMIN_KUBECONFIG)
+        {
+            // `sudo kubectl ...` on the controller finds the admin kubeconfig.
+            r.run(name, &root_kubeconfig_cmd(), SHORT)?;
+        }
         let files: Vec<RenderedFile> = units::controller_files(b.plan, node, &b.bins)
             .into_iter()
             .filter(|f| !f.path.ends_with("/etcd.service"))
@@ -769,27 +828,39 @@ pub fn ensure_control_plane<R: Remote + ?Sized>(
         }
         Ok(changed)
     }))?;
-    match (&b.admin_kubeconfig, controllers.first()) {
-        (Some(kc), Some(first)) => {
-            let rbac = RenderedFile {
-                path: "/var/lib/kubernetes/rbac-apiserver-to-kubelet.yaml".into(),
-                mode: 0o644,
-                content: units::rbac_apiserver_to_kubelet(),
-            };
-            sync_files(remote, first, std::slice::from_ref(&rbac))?;
-            wait_apiserver(b, remote, first, kc)?;
-            remote.run(
-                first,
-                &format!(
-                    "{} --kubeconfig {} apply -f {}",
-                    b.bins.kubectl,
-                    sh_quote(kc),
-                    rbac.path
-                ),
-                SHORT,
-            )?;
+    match &b.api {
+        Some(api) => {
+            b.say(&format!("waiting for the API at {}", api.endpoint));
+            api.wait_ready(b.settle, Duration::from_secs(3), &|m| b.say(m))?;
         }
-        _ => report.notes.push(
+        None => report.notes.push(
+            "no admin certificate on the host: the API was not checked through the load balancer"
+                .into(),
+        ),
+    }
+    match rbac_steps(b)? {
+        Some(steps) => {
+            b.say("applying the RBAC for apiserver-to-kubelet");
+            let written = sync_files(remote, &steps.node, std::slice::from_ref(&steps.manifest))?;
+            remote.run(&steps.node, &steps.apply, SHORT)?;
+            for (what, cmd) in &steps.verify {
+                let out = remote.exec(&steps.node, cmd, SHORT)?;
+                if out.stdout.trim() != "yes" {
+                    return Err(BootstrapError::NotReady {
+                        node: steps.node.clone(),
+                        what: "kube-apiserver".into(),
+                        detail: format!(
+                            "after applying {}, `{cmd}` answered {:?} for {what}{}",
+                            steps.manifest.path,
+                            out.stdout.trim(),
+                            crate::remote::tail(&out.stderr, 5)
+                        ),
+                    });
+                }
+            }
+            report.merge(&steps.node, written);
+        }
+        None => report.notes.push(
             "no admin kubeconfig on the controllers: RBAC for apiserver-to-kubelet not applied"
                 .into(),
         ),
@@ -797,32 +868,77 @@ pub fn ensure_control_plane<R: Remote + ?Sized>(
     Ok(report)
 }
 
-fn wait_apiserver<R: Remote + ?Sized>(
-    b: &Bootstrap,
-    remote: &R,
-    node: &str,
-    kubeconfig: &str,
-) -> Result<(), BootstrapError> {
-    let deadline = std::time::Instant::now() + b.settle;
-    let cmd = format!(
-        "{} --kubeconfig {} get --raw=/readyz",
+/// Point root's default kubeconfig at the admin kubeconfig (idempotent).
+pub fn root_kubeconfig_cmd() -> String {
+    format!(
+        "install -d -m 700 /root/.kube && ln -sfn {} /root/.kube/config",
+        on_node::ADMIN_KUBECONFIG
+    )
+}
+
+/// `kubectl --kubeconfig KC ARGS` with the node's kubectl.
+pub fn kubectl_cmd(b: &Bootstrap, kubeconfig: &str, args: &str) -> String {
+    format!(
+        "{} --kubeconfig {} {args}",
         b.bins.kubectl,
         sh_quote(kubeconfig)
-    );
-    loop {
-        let out = remote.exec(node, &cmd, SHORT)?;
-        if out.success() {
-            return Ok(());
-        }
-        if std::time::Instant::now() >= deadline {
-            return Err(BootstrapError::NotReady {
-                node: node.to_string(),
-                what: "kube-apiserver".into(),
-                detail: crate::remote::tail(&format!("{}{}", out.stdout, out.stderr), 10),
-            });
-        }
-        std::thread::sleep(Duration::from_secs(3));
-    }
+    )
+}
+
+/// Where the RBAC manifest for apiserver-to-kubelet lands on the first controller.
+pub const RBAC_MANIFEST: &str = "/var/lib/kubernetes/kthw-rbac-apiserver-to-kubelet.yaml";
+
+/// The RBAC step of the control-plane phase, as data: the manifest to put on the
+/// first controller, the idempotent `kubectl apply`, and one `kubectl auth can-i`
+/// per kubelet API subresource that must then answer `yes` for the apiserver's
+/// kubelet client user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RbacSteps {
+    pub node: String,
+    pub manifest: RenderedFile,
+    pub apply: String,
+    /// (subresource, command).
+    pub verify: Vec<(String, String)>,
+}
+
+/// `None` when there is no admin kubeconfig on the controllers to apply it with.
+pub fn rbac_steps(b: &Bootstrap) -> Result<Option<RbacSteps>, BootstrapError> {
+    let (Some(kc), Some(first)) = (&b.admin_kubeconfig, b.plan.controllers().next()) else {
+        return Ok(None);
+    };
+    let user = manifests::apiserver_kubelet_user(b.plan).ok_or_else(|| {
+        BootstrapError::MissingComponents(format!(
+            "the plan has no `{}` certificate, so there is no user to bind",
+            manifests::APISERVER_KUBELET_CLIENT_CERT
+        ))
+    })?;
+    let verify = manifests::KUBELET_API_RESOURCES
+        .iter()
+        .map(|r| {
+            let sub = r.trim_start_matches("nodes/");
+            (
+                r.to_string(),
+                kubectl_cmd(
+                    b,
+                    kc,
+                    &format!(
+                        "auth can-i get nodes --subresource={sub} --as={}",
+                        sh_quote(user)
+                    ),
+                ),
+            )
+        })
+        .collect();
+    Ok(Some(RbacSteps {
+        node: first.name.clone(),
+        manifest: RenderedFile {
+            path: RBAC_MANIFEST.into(),
+            mode: 0o644,
+            content: manifests::rbac_apiserver_to_kubelet(user),
+        },
+        apply: kubectl_cmd(b, kc, &format!("apply -f {RBAC_MANIFEST}")),
+        verify,
+    }))
 }
 
 const WORKER_UNITS: &[&str] = &["kubelet", "kube-proxy"];
@@ -872,8 +988,10 @@ pub struct SmokeReport {
     pub inactive: BTreeMap<String, Vec<String>>,
     /// node -> routes missing.
     pub missing_routes: BTreeMap<String, Vec<String>>,
-    /// `kubectl get nodes` from the first controller, when an admin kubeconfig is there.
-    pub nodes: Option<String>,
+    /// The workload test through a service, when it ran (it failing is an error).
+    pub workload: Option<WorkloadReport>,
+    /// Why a check did not run.
+    pub notes: Vec<String>,
 }
 
 impl SmokeReport {
@@ -882,8 +1000,21 @@ impl SmokeReport {
     }
 }
 
-/// Read-only checks over the whole lab: etcd health, units active, routes present,
-/// and the node list when an admin kubeconfig is available.
+/// What the workload test proved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkloadReport {
+    pub service_ip: String,
+    /// The worker the requests were sent from.
+    pub client: String,
+    pub pods: Vec<PodInfo>,
+    /// worker -> answers from the smoke pod on it.
+    pub answers: BTreeMap<String, usize>,
+    pub requests: usize,
+}
+
+/// Read-only checks over the whole lab (etcd health, units active, routes present),
+/// then, when they pass and the API can be reached, the workload test
+/// ([`smoke_workload`]).
 pub fn smoke<R: Remote + ?Sized>(b: &Bootstrap, remote: &R) -> Result<SmokeReport, BootstrapError> {
     let mut rep = SmokeReport::default();
     let controllers: Vec<&NodePlan> = b.plan.controllers().collect();
@@ -924,21 +1055,323 @@ pub fn smoke<R: Remote + ?Sized>(b: &Bootstrap, remote: &R) -> Result<SmokeRepor
             rep.missing_routes.insert(node, missing);
         }
     }
-    if let (Some(kc), Some(c)) = (&b.admin_kubeconfig, controllers.first()) {
-        let out = remote.exec(
-            &c.name,
-            &format!(
-                "{} --kubeconfig {} get nodes -o wide",
-                b.bins.kubectl,
-                sh_quote(kc)
-            ),
-            SHORT,
-        )?;
-        rep.nodes = Some(if out.success() {
-            out.stdout
-        } else {
-            out.stderr
-        });
+    if !rep.ok() {
+        rep.notes
+            .push("the workload test did not run: the checks above failed first".into());
+        return Ok(rep);
+    }
+    match &b.api {
+        Some(api) => {
+            b.say(&format!("checking the API at {}", api.endpoint));
+            api.wait_ready(SMOKE_API_WAIT, Duration::from_secs(3), &|m| b.say(m))?;
+        }
+        None => {
+            rep.notes.push(
+                "the workload test did not run: no admin certificate on the host to reach the API"
+                    .into(),
+            );
+            return Ok(rep);
+        }
+    }
+    match smoke_steps(b)? {
+        Some(steps) => rep.workload = Some(smoke_workload(b, remote, &steps)?),
+        None => rep
+            .notes
+            .push("the workload test did not run: no admin kubeconfig on the controllers".into()),
     }
     Ok(rep)
 }
+
+/// How long smoke waits for an API the control-plane phase already saw ready.
+const SMOKE_API_WAIT: Duration = Duration::from_secs(60);
+/// Requests per round through the service.
+const REQUESTS_PER_ROUND: usize = 20;
+
+/// Where the smoke manifest lands on the first controller.
+pub const SMOKE_MANIFEST: &str = "/var/lib/kubernetes/kthw-smoke.yaml";
+
+/// The workload test as data: every command is built here, from the plan, so the
+/// wiring is checked without a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmokeSteps {
+    /// Where `kubectl` runs (the first controller, with the admin kubeconfig).
+    pub controller: String,
+    /// The worker the requests are sent from.
+    pub client: String,
+    pub manifest: RenderedFile,
+    /// Removes leftover smoke objects and waits until they are gone; succeeds when
+    /// there are none.
+    pub cleanup: String,
+    /// Removes the test's own objects after a pass, without waiting.
+    pub remove: String,
+    pub apply: String,
+    pub pods: String,
+    pub service: String,
+    pub service_port: u16,
+}
+
+/// `None` when there is no admin kubeconfig or no worker.
+pub fn smoke_steps(b: &Bootstrap) -> Result<Option<SmokeSteps>, BootstrapError> {
+    let (Some(kc), Some(controller), Some(client)) = (
+        &b.admin_kubeconfig,
+        b.plan.controllers().next(),
+        b.plan.workers().next(),
+    ) else {
+        return Ok(None);
+    };
+    let ns = manifests::SMOKE_NAMESPACE;
+    Ok(Some(SmokeSteps {
+        controller: controller.name.clone(),
+        client: client.name.clone(),
+        manifest: RenderedFile {
+            path: SMOKE_MANIFEST.into(),
+            mode: 0o644,
+            content: manifests::smoke_manifest(b.plan, &b.smoke_workload),
+        },
+        cleanup: kubectl_cmd(
+            b,
+            kc,
+            &format!("delete -f {SMOKE_MANIFEST} --ignore-not-found --wait=true --timeout=120s"),
+        ),
+        remove: kubectl_cmd(
+            b,
+            kc,
+            &format!("delete -f {SMOKE_MANIFEST} --ignore-not-found --wait=false"),
+        ),
+        apply: kubectl_cmd(b, kc, &format!("apply -f {SMOKE_MANIFEST}")),
+        pods: kubectl_cmd(
+            b,
+            kc,
+            &format!("get pods -n {ns} -l {} -o json", manifests::SMOKE_SELECTOR),
+        ),
+        service: kubectl_cmd(
+            b,
+            kc,
+            &format!("get service -n {ns} {} -o json", manifests::SMOKE_NAME),
+        ),
+        service_port: b.smoke_workload.service_port,
+    }))
+}
+
+/// `count` HTTP requests from a node to `ip:port`, one `reply:BODY` line each
+/// (`reply:` alone when a request got nothing). Plain bash `/dev/tcp`: no curl
+/// needed on the node. The smoke pods answer with their pod name.
+pub fn service_requests_cmd(ip: &str, port: u16, count: usize) -> String {
+    format!(
+        "for i in $(seq 1 {count}); do r=$(timeout 3 bash -c 'exec 3<>/dev/tcp/{ip}/{port} && printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3 && cat <&3' 2>/dev/null | tail -n 1 | tr -d '\\r'); echo \"reply:$r\"; done"
+    )
+}
+
+/// The non-empty bodies among [`service_requests_cmd`]'s lines, and how many
+/// requests there were.
+pub fn parse_replies(output: &str) -> (Vec<String>, usize) {
+    let mut replies = Vec::new();
+    let mut total = 0;
+    for l in output.lines() {
+        if let Some(r) = l.strip_prefix("reply:") {
+            total += 1;
+            let r = r.trim();
+            if !r.is_empty() {
+                replies.push(r.to_string());
+            }
+        }
+    }
+    (replies, total)
+}
+
+/// Replies (pod names) counted per node the pod runs on; replies naming no known
+/// pod are counted under `?`.
+pub fn answers_by_node(replies: &[String], pods: &[PodInfo]) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for r in replies {
+        let node = pods
+            .iter()
+            .find(|p| &p.name == r)
+            .and_then(|p| p.node.clone())
+            .unwrap_or_else(|| "?".into());
+        *out.entry(node).or_insert(0) += 1;
+    }
+    out
+}
+
+/// Workers without a ready smoke pod, each with what its pod (if any) waits for.
+pub fn workers_without_ready_pod(plan: &LabPlan, pods: &[PodInfo]) -> Vec<String> {
+    let mut out: Vec<String> = plan
+        .workers()
+        .filter(|w| {
+            !pods
+                .iter()
+                .any(|p| p.ready && p.node.as_deref() == Some(w.name.as_str()))
+        })
+        .map(|w| {
+            match pods
+                .iter()
+                .find(|p| p.node.as_deref() == Some(w.name.as_str()))
+            {
+                Some(p) => format!(
+                    "{}: pod {} is {}{}",
+                    w.name,
+                    p.name,
+                    p.phase,
+                    p.waiting
+                        .as_deref()
+                        .map(|w| format!(" ({w})"))
+                        .unwrap_or_default()
+                ),
+                None => format!("{}: no smoke pod scheduled there", w.name),
+            }
+        })
+        .collect();
+    for p in pods.iter().filter(|p| p.node.is_none()) {
+        out.push(format!(
+            "pod {} is not scheduled{}",
+            p.name,
+            p.waiting
+                .as_deref()
+                .map(|w| format!(" ({w})"))
+                .unwrap_or_default()
+        ));
+    }
+    out
+}
+
+fn smoke_error(step: &str, detail: String, hint: String) -> BootstrapError {
+    BootstrapError::Smoke {
+        step: format!("smoke workload: {step}"),
+        detail,
+        hint,
+    }
+}
+
+/// A Deployment with a pod on every worker behind a ClusterIP service; requests
+/// from one worker to the service IP until every worker's pod has answered, which
+/// proves scheduling, the runtime, pod networking across workers (host-gw routes)
+/// and kube-proxy's service translation. Leftovers of an earlier run are removed
+/// first; the objects are removed after a pass and kept after a failure so they can
+/// be inspected (the next run removes them).
+pub fn smoke_workload<R: Remote + ?Sized>(
+    b: &Bootstrap,
+    remote: &R,
+    steps: &SmokeSteps,
+) -> Result<WorkloadReport, BootstrapError> {
+    let c = steps.controller.as_str();
+    let kept = format!(
+        "the smoke objects were kept: `kthw-lab ssh {lab} {c} -- sudo kubectl get pods,svc -l {sel} -o wide`, \
+         then `sudo kubectl describe pod -l {sel}`; rerunning the phase removes and recreates them",
+        lab = b.plan.lab,
+        sel = manifests::SMOKE_SELECTOR
+    );
+    sync_files(remote, c, std::slice::from_ref(&steps.manifest))?;
+    b.say("removing leftover smoke objects");
+    remote.run(c, &steps.cleanup, Duration::from_secs(150))?;
+    remote.run(c, &steps.apply, SHORT)?;
+
+    // Pods: one ready on every worker.
+    let deadline = std::time::Instant::now() + b.settle;
+    let pods = loop {
+        let out = remote.run(c, &steps.pods, SHORT)?;
+        let pods = crate::kube::parse_pod_list(&out.stdout)
+            .map_err(|e| smoke_error("reading the smoke pods", e, kept.clone()))?;
+        let missing = workers_without_ready_pod(b.plan, &pods);
+        if missing.is_empty() {
+            break pods;
+        }
+        if std::time::Instant::now() >= deadline {
+            let pulling = missing
+                .iter()
+                .any(|m| m.contains("ErrImagePull") || m.contains("ImagePullBackOff"));
+            let hint = if pulling {
+                format!(
+                    "the workers pull {} from the registry through the lab's NAT: check the host's uplink; {kept}",
+                    b.smoke_workload.image
+                )
+            } else {
+                format!(
+                    "`kthw-lab status {}` shows which nodes are Ready; {kept}",
+                    b.plan.lab
+                )
+            };
+            return Err(smoke_error(
+                "pods not ready on every worker",
+                format!("after {} s: {}", b.settle.as_secs(), missing.join("; ")),
+                hint,
+            ));
+        }
+        b.say(&format!(
+            "waiting for a ready smoke pod on every worker: {}",
+            missing.join("; ")
+        ));
+        std::thread::sleep(Duration::from_secs(3));
+    };
+
+    let svc = remote.run(c, &steps.service, SHORT)?;
+    let ip = crate::kube::parse_service_cluster_ip(&svc.stdout)
+        .map_err(|e| smoke_error("reading the smoke service", e, kept.clone()))?;
+
+    // Requests from one worker through the service until every worker answered.
+    let workers: Vec<&str> = node_names(b.plan, Some(Role::Worker));
+    let cmd = service_requests_cmd(&ip, steps.service_port, REQUESTS_PER_ROUND);
+    let deadline = std::time::Instant::now() + SMOKE_REQUESTS_WAIT;
+    let mut answers: BTreeMap<String, usize> = BTreeMap::new();
+    let mut requests = 0;
+    loop {
+        let out = remote.run(&steps.client, &cmd, Duration::from_secs(120))?;
+        let (replies, total) = parse_replies(&out.stdout);
+        requests += total;
+        for (node, n) in answers_by_node(&replies, &pods) {
+            *answers.entry(node).or_insert(0) += n;
+        }
+        let silent: Vec<&str> = workers
+            .iter()
+            .copied()
+            .filter(|w| !answers.contains_key(*w))
+            .collect();
+        if silent.is_empty() {
+            break;
+        }
+        if std::time::Instant::now() >= deadline {
+            let heard = if answers.is_empty() {
+                "no answer at all".to_string()
+            } else {
+                answers
+                    .iter()
+                    .map(|(n, k)| format!("{k} from the pod on {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let hint = format!(
+                "on {client}: `ip route` must route each other worker's pod range via that worker, \
+                 `journalctl -u kube-proxy` shows kube-proxy's errors and `iptables -t nat -S KUBE-SERVICES` \
+                 must list {ip}; {kept}",
+                client = steps.client
+            );
+            return Err(smoke_error(
+                "requests through the service",
+                format!(
+                    "{requests} requests from {} to {ip}:{}: {heard}; never answered by the pod on {}",
+                    steps.client,
+                    steps.service_port,
+                    silent.join(", ")
+                ),
+                hint,
+            ));
+        }
+        b.say(&format!(
+            "{requests} requests to {ip} from {}; still waiting for an answer from {}",
+            steps.client,
+            silent.join(", ")
+        ));
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    remote.run(c, &steps.remove, SHORT)?;
+    Ok(WorkloadReport {
+        service_ip: ip,
+        client: steps.client.clone(),
+        pods,
+        answers,
+        requests,
+    })
+}
+
+/// How long requests through the service may take to reach every worker's pod.
+const SMOKE_REQUESTS_WAIT: Duration = Duration::from_secs(90);

@@ -776,13 +776,7 @@ impl Action for BootstrapPhase {
             source: None,
         })?;
         let from_image: Vec<&str> = cx.plan.from_image.iter().map(String::as_str).collect();
-        let mut b = Bootstrap::new(
-            cx.plan,
-            &catalog,
-            &crate::state::cache_dir(&self.opts.state_dir),
-        )
-        .use_image(&from_image);
-        b.files = crate::pki::distribution(cx.plan)
+        let files: Vec<FileCopy> = crate::pki::distribution(cx.plan)
             .into_iter()
             .flat_map(|nf| {
                 let node = nf.node;
@@ -794,6 +788,22 @@ impl Action for BootstrapPhase {
                 })
             })
             .collect();
+        let mut b = Bootstrap::new(
+            cx.plan,
+            &catalog,
+            &crate::state::cache_dir(&self.opts.state_dir),
+        )
+        .use_image(&from_image)
+        .with_files(files);
+        if matches!(self.phase, Phase::ControlPlane | Phase::Smoke) {
+            // The API through the load balancer, as the admin, from this host.
+            match crate::kube::ApiClient::for_lab(cx.plan) {
+                Ok(api) => b.api = Some(api),
+                Err(e) => cx.progress.println(&format!(
+                    "    note: the API cannot be checked from here: {e}"
+                )),
+            }
+        }
         let needed: &[&str] = match self.phase {
             Phase::Etcd => &["etcd"],
             Phase::Runtime => &["containerd", "runc", "cni-plugins", "crictl"],
@@ -816,6 +826,8 @@ impl Action for BootstrapPhase {
             _ => cx.plan.nodes.iter().map(|n| n.name.as_str()).collect(),
         };
         let line = cx.progress.line(self.phase.name(), &nodes.join(", "));
+        let say = |m: &str| line.set(m);
+        b.notify = Some(bootstrap::Notify(&say));
         let fail = |e: bootstrap::BootstrapError| e.into_error(&format!("phase `{}`", self.phase));
         let report = match self.phase {
             Phase::Etcd => bootstrap::ensure_etcd(&b, &remote),
@@ -830,7 +842,16 @@ impl Action for BootstrapPhase {
             Phase::ControlPlane => bootstrap::ensure_control_plane(&b, &remote),
             Phase::Workers => bootstrap::ensure_workers(&b, &remote),
             Phase::Smoke => {
-                let r = bootstrap::smoke(&b, &remote).map_err(fail)?;
+                let r = match bootstrap::smoke(&b, &remote) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        line.fail(e.to_string().lines().next().unwrap_or("failed"));
+                        return Err(fail(e));
+                    }
+                };
+                for note in &r.notes {
+                    cx.progress.println(&format!("    note: {note}"));
+                }
                 if !r.ok() {
                     line.fail("checks failed");
                     return Err(Error::Bootstrap {
@@ -842,7 +863,21 @@ impl Action for BootstrapPhase {
                         source: None,
                     });
                 }
-                line.done("etcd healthy, every unit active, every route present");
+                let mut msg = "etcd healthy, every unit active, every route present".to_string();
+                if let Some(w) = &r.workload {
+                    msg.push_str(&format!(
+                        "; {} requests from {} to service {} answered by the pods on {}",
+                        w.requests,
+                        w.client,
+                        w.service_ip,
+                        w.answers
+                            .iter()
+                            .map(|(n, k)| format!("{n} ({k})"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+                line.done(&msg);
                 return Ok(());
             }
             other => unreachable!("{other} is not a bootstrap phase"),

@@ -41,6 +41,148 @@ pub struct LabStatus {
     pub etcd_unhealthy_endpoints: Vec<String>,
     /// Balancer backends and their health, when it answers.
     pub lb: Option<Vec<(String, bool)>>,
+    /// The Kubernetes API through the load balancer and the nodes it knows.
+    pub kubernetes: KubeStatus,
+}
+
+/// What the API says, asked from this host through the load balancer as the admin.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum KubeStatus {
+    /// Not asked: the control plane is not there yet (or no admin certificate).
+    NotChecked { reason: String },
+    /// Asked, no usable answer.
+    Unreachable { endpoint: String, error: String },
+    /// `/api/v1/nodes` answered.
+    Up {
+        endpoint: String,
+        nodes: Vec<crate::kube::NodeReady>,
+        /// Workers of the plan the API does not know (kubelet never registered).
+        unregistered: Vec<String>,
+    },
+}
+
+impl KubeStatus {
+    /// `false` when the API should answer and does not, or a worker is not Ready.
+    pub fn ok(&self) -> bool {
+        match self {
+            KubeStatus::NotChecked { .. } => true,
+            KubeStatus::Unreachable { .. } => false,
+            KubeStatus::Up {
+                nodes,
+                unregistered,
+                ..
+            } => {
+                unregistered.is_empty()
+                    && nodes
+                        .iter()
+                        .all(|n| n.ready == crate::kube::Readiness::Ready)
+            }
+        }
+    }
+
+    /// The API's view of one planned node, for the table.
+    pub fn node_cell(&self, node: &str, role: Role) -> String {
+        match self {
+            KubeStatus::Up {
+                nodes,
+                unregistered,
+                ..
+            } => match nodes.iter().find(|n| n.name == node) {
+                Some(n) => n.ready.as_str().to_string(),
+                None if unregistered.iter().any(|u| u == node) => "not registered".into(),
+                // Controllers run no kubelet in this lab.
+                None if role == Role::Controller => "-".into(),
+                None => "not registered".into(),
+            },
+            _ => "-".into(),
+        }
+    }
+}
+
+/// Ask the API through the load balancer, once the control-plane phase is done.
+pub fn kube_status(plan: &LabPlan, journal: &Journal) -> KubeStatus {
+    if !journal.is_done(Phase::ControlPlane) {
+        return KubeStatus::NotChecked {
+            reason: "the control-plane phase has not completed yet".into(),
+        };
+    }
+    let api = match crate::kube::ApiClient::for_lab(plan) {
+        Ok(a) => a,
+        Err(e) => {
+            return KubeStatus::NotChecked {
+                reason: format!("no admin credentials on this host: {e}"),
+            }
+        }
+    };
+    match api.nodes(QUICK) {
+        Ok(nodes) => {
+            let unregistered = if journal.is_done(Phase::Workers) {
+                plan.workers()
+                    .filter(|w| !nodes.iter().any(|n| n.name == w.name))
+                    .map(|w| w.name.clone())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            KubeStatus::Up {
+                endpoint: api.endpoint.clone(),
+                nodes,
+                unregistered,
+            }
+        }
+        Err(e) => KubeStatus::Unreachable {
+            endpoint: api.endpoint.clone(),
+            error: e.to_string(),
+        },
+    }
+}
+
+/// The API lines of the table.
+pub fn render_kube(k: &KubeStatus) -> String {
+    match k {
+        KubeStatus::NotChecked { reason } => format!("kubernetes api: not checked: {reason}\n"),
+        KubeStatus::Unreachable { endpoint, error } => {
+            format!("kubernetes api: NOT ANSWERING at {endpoint}: {error}\n")
+        }
+        KubeStatus::Up {
+            endpoint,
+            nodes,
+            unregistered,
+        } => {
+            let mut out = format!(
+                "kubernetes api: answering at {endpoint}; nodes: {}\n",
+                if nodes.is_empty() {
+                    "none registered".to_string()
+                } else {
+                    nodes
+                        .iter()
+                        .map(|n| format!("{} {}", n.name, n.ready.as_str()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            );
+            for n in nodes
+                .iter()
+                .filter(|n| n.ready != crate::kube::Readiness::Ready)
+            {
+                out.push_str(&format!(
+                    "  {} is {}: {} {}\n",
+                    n.name,
+                    n.ready.as_str(),
+                    n.reason.as_deref().unwrap_or("-"),
+                    n.message.as_deref().unwrap_or("")
+                ));
+            }
+            if !unregistered.is_empty() {
+                out.push_str(&format!(
+                    "  never registered (kubelet not talking to the API): {}\n",
+                    unregistered.join(", ")
+                ));
+            }
+            out
+        }
+    }
 }
 
 impl LabStatus {
@@ -53,6 +195,7 @@ impl LabStatus {
                 && n.missing_routes.is_empty()
                 && n.error.is_none()
         }) && self.etcd_healthy != Some(false)
+            && self.kubernetes.ok()
     }
 }
 
@@ -202,6 +345,7 @@ pub fn collect(plan: &LabPlan, journal: &Journal, connect: &str) -> LabStatus {
         etcd_healthy,
         etcd_unhealthy_endpoints: etcd_unhealthy,
         lb,
+        kubernetes: kube_status(plan, journal),
     }
 }
 
@@ -214,6 +358,7 @@ pub fn render_table(s: &LabStatus) -> String {
         "SSH".into(),
         "SERVICES".into(),
         "ROUTES".into(),
+        "K8S NODE".into(),
     ]];
     for n in &s.nodes {
         let units = if n.units.is_empty() {
@@ -239,6 +384,7 @@ pub fn render_table(s: &LabStatus) -> String {
             } else {
                 format!("missing {}", n.missing_routes.join(", "))
             },
+            s.kubernetes.node_cell(&n.name, n.role),
         ]);
     }
     let mut out = crate::plan::rows_to_text(&rows);
@@ -264,6 +410,7 @@ pub fn render_table(s: &LabStatus) -> String {
         )),
         None => out.push_str("load balancer: not answering\n"),
     }
+    out.push_str(&render_kube(&s.kubernetes));
     for n in s.nodes.iter().filter(|n| n.error.is_some()) {
         out.push_str(&format!(
             "{}: {}\n",
@@ -272,4 +419,55 @@ pub fn render_table(s: &LabStatus) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kube::parse_node_list;
+
+    fn up() -> KubeStatus {
+        KubeStatus::Up {
+            endpoint: "https://10.200.1.15:6443".into(),
+            nodes: parse_node_list(include_str!("../../tests/fixtures/kube/nodes-2m2w.json"))
+                .unwrap(),
+            unregistered: vec![],
+        }
+    }
+
+    #[test]
+    fn a_not_ready_worker_is_shown_with_its_reason_and_fails_status() {
+        let k = up();
+        assert!(!k.ok());
+        let t = render_kube(&k);
+        assert!(t.starts_with(
+            "kubernetes api: answering at https://10.200.1.15:6443; nodes: n1 Ready, n2 NotReady\n"
+        ));
+        assert!(t.contains("  n2 is NotReady: KubeletNotReady container runtime network not ready"));
+        assert_eq!(k.node_cell("n1", Role::Worker), "Ready");
+        assert_eq!(k.node_cell("n2", Role::Worker), "NotReady");
+        assert_eq!(k.node_cell("m1", Role::Controller), "-");
+        let v = serde_json::to_value(&k).unwrap();
+        assert_eq!(v["state"], "up");
+        assert_eq!(v["nodes"][1]["ready"], "not-ready");
+    }
+
+    #[test]
+    fn before_the_control_plane_status_says_so_and_stays_ok() {
+        let k = KubeStatus::NotChecked {
+            reason: "the control-plane phase has not completed yet".into(),
+        };
+        assert!(k.ok());
+        assert_eq!(
+            render_kube(&k),
+            "kubernetes api: not checked: the control-plane phase has not completed yet\n"
+        );
+        assert_eq!(serde_json::to_value(&k).unwrap()["state"], "not-checked");
+        let down = KubeStatus::Unreachable {
+            endpoint: "https://10.200.1.15:6443".into(),
+            error: "connection refused".into(),
+        };
+        assert!(!down.ok());
+        assert!(render_kube(&down).contains("NOT ANSWERING"));
+    }
 }

@@ -29,6 +29,9 @@ pub mod on_node {
     pub const KUBELET_CA: &str = "/var/lib/kubelet/ca.pem";
     pub const KUBELET_KUBECONFIG: &str = "/var/lib/kubelet/kubeconfig";
     pub const KUBE_PROXY_KUBECONFIG: &str = "/var/lib/kube-proxy/kubeconfig";
+    /// On a controller: the admin kubeconfig (API through the load balancer), for
+    /// `kubectl` on the node and the phases that apply objects with it.
+    pub const ADMIN_KUBECONFIG: &str = "/var/lib/kubernetes/admin.kubeconfig";
 
     /// On a controller: `/etc/etcd/etcd-NODE.pem` and `etcd-NODE-key.pem`.
     pub fn etcd_cert(node: &str) -> String {
@@ -104,6 +107,11 @@ pub fn distribution(plan: &LabPlan) -> Vec<NodeFiles> {
                     files.push(cert(name, k8s));
                     files.push(key(name, k8s));
                 }
+                files.push(file(
+                    kubeconfig_file("admin"),
+                    on_node::ADMIN_KUBECONFIG.into(),
+                    0o600,
+                ));
                 for c in ["kube-controller-manager", "kube-scheduler"] {
                     files.push(file(
                         kubeconfig_file(c),

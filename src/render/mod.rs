@@ -4,4 +4,5 @@ pub mod cloudinit;
 pub mod domain;
 pub mod encryption;
 pub mod kubeconfig;
+pub mod manifests;
 pub mod units;

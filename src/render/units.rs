@@ -467,48 +467,6 @@ pub fn kube_proxy_service(bins: &Bins) -> String {
     )
 }
 
-/// The user in the apiserver's kubelet client certificate.
-pub const APISERVER_KUBELET_USER: &str = "kube-apiserver-kubelet-client";
-
-/// Lets the API server reach the kubelet API (logs, exec, metrics).
-pub fn rbac_apiserver_to_kubelet() -> String {
-    format!(
-        r#"apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata:
-  annotations:
-    rbac.authorization.kubernetes.io/autoupdate: "true"
-  labels:
-    kubernetes.io/bootstrapping: rbac-defaults
-  name: system:kube-apiserver-to-kubelet
-rules:
-  - apiGroups:
-      - ""
-    resources:
-      - nodes/proxy
-      - nodes/stats
-      - nodes/log
-      - nodes/spec
-      - nodes/metrics
-    verbs:
-      - "*"
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata:
-  name: system:kube-apiserver
-roleRef:
-  apiGroup: rbac.authorization.k8s.io
-  kind: ClusterRole
-  name: system:kube-apiserver-to-kubelet
-subjects:
-  - apiGroup: rbac.authorization.k8s.io
-    kind: User
-    name: {APISERVER_KUBELET_USER}
-"#
-    )
-}
-
 /// `/etc/modules-load.d/kthw-k8s.conf`.
 pub fn worker_modules() -> String {
     "# kthw-lab: container overlay filesystem and bridged traffic through iptables\noverlay\nbr_netfilter\n".into()
