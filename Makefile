@@ -4,7 +4,7 @@ CARGO ?= cargo
 SCENARIO ?= scenarios/2m2w.yaml
 BIN_RELEASE := target/release/kthw-lab
 
-.PHONY: lab test build deps-build deps-test deps-lab deps-bench lint unit bench bench-lb clean help
+.PHONY: lab test build deps-build deps-test deps-lab deps-bench lint unit bench bench-lb bench-lab clean help
 
 help:
 	@echo "make lab    install host packages, build, create the default lab ($(SCENARIO))"
@@ -54,10 +54,14 @@ unit: deps-test
 test: lint unit
 
 # Benchmarks print ratio tables against baselines run side by side in the same run.
-bench: bench-lb
+# bench-lab boots real VMs (inside scripts/netns-run) and takes about 10-15 minutes.
+bench: bench-lb bench-lab
 
 bench-lb: deps-bench
 	$(CARGO) bench --locked --bench lb
+
+bench-lab: deps-bench
+	$(CARGO) bench --locked --bench lab
 
 clean:
 	$(CARGO) clean

@@ -18,7 +18,10 @@ use crate::render::cloudinit::SeedKeys;
 /// How often a node's progress line is repeated while waiting.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// Pause between login attempts on one node.
-pub const RETRY_EVERY: Duration = Duration::from_secs(2);
+pub const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// Pause after a refused or failed TCP connect: costs the guest nothing, so it is short
+/// (the login is tried within a quarter second of sshd listening).
+pub const CONNECT_RETRY_EVERY: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SshError {
@@ -441,7 +444,12 @@ pub fn wait_for_ssh(
             ));
             next_report += PROGRESS_EVERY;
         }
-        std::thread::sleep(RETRY_EVERY.min(timeout.saturating_sub(start.elapsed())));
+        let pause = if last_error.starts_with("connect:") {
+            CONNECT_RETRY_EVERY
+        } else {
+            RETRY_EVERY
+        };
+        std::thread::sleep(pause.min(timeout.saturating_sub(start.elapsed())));
     }
 }
 

@@ -1,0 +1,408 @@
+//! `cargo bench --bench lab` (`make bench-lab`): time to a ready lab, kthw-lab side by
+//! side with the tutorial baseline (benches/baseline/tutorial-lab.sh: qemu-img overlays,
+//! genisoimage cloud-init ISOs, `virsh define`/`start`, ssh polling) on the same machine,
+//! the same offline base image and the same VM size, in one run. Everything runs inside
+//! `scripts/netns-run` (a namespace with its own libvirtd): no lab touches the host network.
+//!
+//! Rows:
+//! - boot to SSH for 1, 2 and 4 nodes: from the start of `create` (or of the baseline
+//!   script) until every node accepted a login; then teardown of the same nodes;
+//! - peak qemu RSS (VmHWM) and disk written (overlay allocation) per node;
+//! - where the time goes for one node: kernel, initrd, systemd, network, sshd, login,
+//!   read from the guest's own kernel log and journal;
+//! - 2m2w: `create --until runtime` with its phases, `reset`, `destroy`.
+//!
+//! Ratios are kthw-lab / baseline (lower is better), so they survive a noisy machine.
+//! Environment: `LAB_BENCH_NODES` (comma list, default 1,2,4), `LAB_BENCH_SKIP_2M2W=1`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Instant;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kthw-lab");
+const MEMORY_MIB: u32 = 1024;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The bench's own state dir (image cache included), inside the target dir.
+fn state_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let dir = if target.is_absolute() {
+        target
+    } else {
+        root().join(target)
+    };
+    dir.join("kthw-bench-state")
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+fn kthw(args: &[&str]) -> Output {
+    run(Command::new(BIN)
+        .arg("--state-dir")
+        .arg(state_dir())
+        .args(args)
+        .current_dir(root())
+        .env("KTHW_LAB_PLAIN", "1"))
+}
+
+fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    let t = Instant::now();
+    let v = f();
+    (v, t.elapsed().as_secs_f64())
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--inside") {
+        inside();
+        return;
+    }
+    // The image first (outside: building needs the mirror), then everything else in a
+    // namespace of its own.
+    let (_, secs) = timed(|| kthw(&["image", "pull", "kthw-debian12"]));
+    println!("offline image ready in {secs:.0} s");
+    let me = std::env::current_exe().unwrap();
+    let status = Command::new(root().join("scripts/netns-run"))
+        .arg(me)
+        .arg("--inside")
+        .status()
+        .unwrap();
+    assert!(status.success(), "the benchmark failed inside netns-run");
+}
+
+/// One system's figures for one node count.
+#[derive(Default, Clone)]
+struct Boot {
+    to_ssh: f64,
+    teardown: f64,
+    rss_mib: Vec<f64>,
+    disk_mib: Vec<f64>,
+    markers: Vec<(&'static str, Option<f64>)>,
+}
+
+fn inside() {
+    // libvirt probes qemu once per daemon: pay that before any timing.
+    run(Command::new("virsh").args(["-q", "-c", "qemu:///system", "domcapabilities"]));
+    let image = state_dir().join("cache/images/kthw-debian12");
+    let counts: Vec<u32> = std::env::var("LAB_BENCH_NODES")
+        .unwrap_or_else(|_| "1,2,4".into())
+        .split(',')
+        .map(|s| s.trim().parse().expect("LAB_BENCH_NODES: numbers"))
+        .collect();
+    let work = tempfile::tempdir().unwrap();
+    let mut rows = Vec::new();
+    for &n in &counts {
+        let ours = boot_kthw(n, work.path());
+        let base = boot_baseline(n, work.path(), &image);
+        rows.push((n, ours, base));
+    }
+    let lab = (std::env::var_os("LAB_BENCH_SKIP_2M2W").is_none()).then(|| full_lab(work.path()));
+
+    println!();
+    println!("boot to SSH under TCG ({MEMORY_MIB} MiB, 1 vCPU per node; 2 host cores)");
+    println!(
+        "{:<6} {:>10} {:>10} {:>7}   {:>12} {:>12} {:>7}",
+        "nodes", "kthw-lab", "baseline", "ratio", "teardown", "baseline", "ratio"
+    );
+    for (n, o, b) in &rows {
+        println!(
+            "{:<6} {:>8.1} s {:>8.1} s {:>7.2}   {:>10.1} s {:>10.1} s {:>7.2}",
+            n,
+            o.to_ssh,
+            b.to_ssh,
+            o.to_ssh / b.to_ssh,
+            o.teardown,
+            b.teardown,
+            o.teardown / b.teardown
+        );
+    }
+    println!();
+    println!("per node after boot: peak qemu RSS (VmHWM) and overlay disk allocated, MiB");
+    println!(
+        "{:<6} {:>10} {:>10} {:>7}   {:>10} {:>10} {:>7}",
+        "nodes", "RSS kthw", "baseline", "ratio", "disk kthw", "baseline", "ratio"
+    );
+    for (n, o, b) in &rows {
+        let (ro, rb) = (mean(&o.rss_mib), mean(&b.rss_mib));
+        let (dc, db) = (mean(&o.disk_mib), mean(&b.disk_mib));
+        println!(
+            "{:<6} {:>10.0} {:>10.0} {:>7.2}   {:>10.1} {:>10.1} {:>7.2}",
+            n,
+            ro,
+            rb,
+            ro / rb,
+            dc,
+            db,
+            dc / db
+        );
+    }
+    if let Some((n, o, b)) = rows.iter().min_by_key(|r| r.0) {
+        println!();
+        println!("where the time goes, {n} node(s): seconds since the kernel started (guest clock)");
+        println!("{:<34} {:>9} {:>9}", "milestone", "kthw-lab", "baseline");
+        for ((name, a), (_, c)) in o.markers.iter().zip(&b.markers) {
+            let f = |v: &Option<f64>| v.map_or("-".to_string(), |s| format!("{s:.1}"));
+            println!("{name:<34} {:>9} {:>9}", f(a), f(c));
+        }
+    }
+    if let Some(lab) = lab {
+        println!();
+        println!("2m2w (4 nodes): create --until runtime, reset, destroy");
+        for (phase, secs) in &lab.phases {
+            println!("  {phase:<12} {secs:>7.1} s");
+        }
+        println!("{:<14} {:>7.1} s", "create", lab.create);
+        println!(
+            "{:<14} {:>7.1} s   ratio to create {:.2}",
+            "reset",
+            lab.reset,
+            lab.reset / lab.create
+        );
+        println!("{:<14} {:>7.1} s", "destroy", lab.destroy);
+    }
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+/// A scenario of `n` nodes: one controller and `n - 1` workers.
+fn scenario(dir: &Path, name: &str, n: u32) -> PathBuf {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &path,
+        format!(
+            "name: {name}\n\
+             controllers:\n  count: 1\n  memory_mib: {MEMORY_MIB}\n\
+             workers:\n  count: {}\n  memory_mib: {MEMORY_MIB}\n\
+             load_balancer:\n  address: 10.200.1.15\n\
+             from_image: [etcd, containerd, runc, cni-plugins]\n",
+            n - 1
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn boot_kthw(n: u32, dir: &Path) -> Boot {
+    let lab = format!("bench{n}");
+    let s = scenario(dir, &lab, n);
+    let (_, to_ssh) = timed(|| kthw(&["create", s.to_str().unwrap(), "--until", "wait-ssh"]));
+    println!("kthw-lab: {n} node(s) to ssh in {to_ssh:.1} s");
+    let domains: Vec<String> = (0..n)
+        .map(|i| {
+            if i == 0 {
+                format!("{lab}-controller-0")
+            } else {
+                format!("{lab}-worker-{}", i - 1)
+            }
+        })
+        .collect();
+    let disks: Vec<PathBuf> = domains
+        .iter()
+        .map(|d| {
+            let node = d.strip_prefix(&format!("{lab}-")).unwrap();
+            state_dir()
+                .join("labs")
+                .join(&lab)
+                .join("disks")
+                .join(format!("{node}.qcow2"))
+        })
+        .collect();
+    let markers = if n == 1 {
+        let journal = kthw(&["ssh", &lab, "controller-0", "--", GUEST_LOG]);
+        milestones(&String::from_utf8_lossy(&journal.stdout))
+    } else {
+        Vec::new()
+    };
+    let rss_mib = domains.iter().map(|d| qemu_hwm_mib(d)).collect();
+    let disk_mib = disks.iter().map(|p| allocated_mib(p)).collect();
+    let (_, teardown) = timed(|| kthw(&["destroy", &lab]));
+    Boot {
+        to_ssh,
+        teardown,
+        rss_mib,
+        disk_mib,
+        markers,
+    }
+}
+
+fn boot_baseline(n: u32, dir: &Path, image: &Path) -> Boot {
+    let script = root().join("benches/baseline/tutorial-lab.sh");
+    let work = dir.join(format!("baseline{n}"));
+    let (_, to_ssh) = timed(|| {
+        run(Command::new(&script)
+            .arg("up")
+            .arg(&work)
+            .arg(n.to_string())
+            .arg(image)
+            .arg(MEMORY_MIB.to_string()))
+    });
+    println!("baseline: {n} node(s) to ssh in {to_ssh:.1} s");
+    let domains: Vec<String> = (0..n).map(|i| format!("base-node-{i}")).collect();
+    let markers = if n == 1 {
+        let out = run(Command::new("ssh")
+            .arg("-i")
+            .arg(work.join("id"))
+            .args([
+                "-q",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "kthw@10.250.0.11",
+                GUEST_LOG,
+            ]));
+        milestones(&String::from_utf8_lossy(&out.stdout))
+    } else {
+        Vec::new()
+    };
+    let rss_mib = domains.iter().map(|d| qemu_hwm_mib(d)).collect();
+    let disk_mib = domains
+        .iter()
+        .map(|d| allocated_mib(&work.join(format!("{d}.qcow2"))))
+        .collect();
+    let (_, teardown) = timed(|| run(Command::new(&script).arg("down").arg(&work)));
+    Boot {
+        to_ssh,
+        teardown,
+        rss_mib,
+        disk_mib,
+        markers,
+    }
+}
+
+/// The guest's kernel log and journal since boot, with monotonic timestamps.
+const GUEST_LOG: &str = "sudo journalctl -b -o short-monotonic --no-pager";
+
+/// Milestones of one boot, from the guest's journal (kernel messages included).
+fn milestones(log: &str) -> Vec<(&'static str, Option<f64>)> {
+    const MARKS: &[(&str, &str)] = &[
+        ("kernel done, initrd starts", "Run /init as init process"),
+        ("root filesystem mounted", "EXT4-fs (vda): mounted"),
+        ("systemd starts", "running in system mode"),
+        ("cloud-init-local done", "Finished cloud-init-local.service"),
+        ("sysinit.target", "Reached target sysinit.target"),
+        ("cloud-init (network) done", "Finished cloud-init.service"),
+        ("eth0 configured", "eth0: Gained carrier"),
+        ("sshd listening", "Server listening on 0.0.0.0 port 22"),
+        ("first login accepted", "Accepted publickey"),
+        ("cloud-final done", "Finished cloud-final.service"),
+    ];
+    MARKS
+        .iter()
+        .map(|(name, needle)| {
+            let at = log.lines().find(|l| l.contains(needle)).and_then(|l| {
+                let l = l.trim_start();
+                let inner = l.strip_prefix('[')?.split(']').next()?;
+                inner.trim().parse::<f64>().ok()
+            });
+            (*name, at)
+        })
+        .collect()
+}
+
+/// Peak RSS of the qemu process running `domain` (VmHWM), MiB.
+fn qemu_hwm_mib(domain: &str) -> f64 {
+    let needle = format!("guest={domain},");
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if !cmdline.starts_with("/usr/bin/qemu-system") || !cmdline.contains(&needle) {
+            continue;
+        }
+        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+        if let Some(kb) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        {
+            return kb / 1024.0;
+        }
+    }
+    f64::NAN
+}
+
+/// Space the overlay really takes on the host, MiB.
+fn allocated_mib(path: &Path) -> f64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| m.blocks() as f64 * 512.0 / 1048576.0)
+        .unwrap_or(f64::NAN)
+}
+
+struct FullLab {
+    create: f64,
+    phases: Vec<(String, f64)>,
+    reset: f64,
+    destroy: f64,
+}
+
+fn full_lab(dir: &Path) -> FullLab {
+    let s = root().join("scenarios/2m2w.yaml");
+    let s = s.to_str().unwrap();
+    let (_, create) = timed(|| kthw(&["create", s, "--until", "runtime"]));
+    println!("kthw-lab: 2m2w create --until runtime in {create:.1} s");
+    let phases = last_run_phases("k2m2w");
+    let (_, reset) = timed(|| kthw(&["reset", "k2m2w"]));
+    println!("kthw-lab: 2m2w reset in {reset:.1} s");
+    let (_, destroy) = timed(|| kthw(&["destroy", "k2m2w"]));
+    let _ = dir;
+    FullLab {
+        create,
+        phases,
+        reset,
+        destroy,
+    }
+}
+
+/// Phase timings of the lab's newest create run, from its run manifest.
+fn last_run_phases(lab: &str) -> Vec<(String, f64)> {
+    let runs = state_dir().join("labs").join(lab).join("runs");
+    let newest = std::fs::read_dir(&runs)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .max()
+        .expect("a run manifest");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(newest).unwrap()).unwrap();
+    v["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["phase"].as_str().unwrap_or("?").to_string(),
+                p["seconds"].as_f64().unwrap_or(f64::NAN),
+            )
+        })
+        .collect()
+}
