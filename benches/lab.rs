@@ -156,7 +156,9 @@ fn inside() {
     }
     if let Some((n, o, b)) = rows.iter().min_by_key(|r| r.0) {
         println!();
-        println!("where the time goes, {n} node(s): seconds since the kernel started (guest clock)");
+        println!(
+            "where the time goes, {n} node(s): seconds since the kernel started (guest clock)"
+        );
         println!("{:<34} {:>9} {:>9}", "milestone", "kthw-lab", "baseline");
         for ((name, a), (_, c)) in o.markers.iter().zip(&b.markers) {
             let f = |v: &Option<f64>| v.map_or("-".to_string(), |s| format!("{s:.1}"));
@@ -263,20 +265,17 @@ fn boot_baseline(n: u32, dir: &Path, image: &Path) -> Boot {
     println!("baseline: {n} node(s) to ssh in {to_ssh:.1} s");
     let domains: Vec<String> = (0..n).map(|i| format!("base-node-{i}")).collect();
     let markers = if n == 1 {
-        let out = run(Command::new("ssh")
-            .arg("-i")
-            .arg(work.join("id"))
-            .args([
-                "-q",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "kthw@10.250.0.11",
-                GUEST_LOG,
-            ]));
+        let out = run(Command::new("ssh").arg("-i").arg(work.join("id")).args([
+            "-q",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "kthw@10.250.0.11",
+            GUEST_LOG,
+        ]));
         milestones(&String::from_utf8_lossy(&out.stdout))
     } else {
         Vec::new()

@@ -22,6 +22,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use kthw_lab::actions::phases::first_boot_cmdline;
+use kthw_lab::cache::FirstBoot;
 use kthw_lab::host::accel::{self, Accel};
 use kthw_lab::host::disks::{check_image, ensure_overlay};
 use kthw_lab::host::libvirt::{remove_lab, start_all, Hypervisor, Libvirt};
@@ -139,15 +141,32 @@ fn accel() -> Accel {
     c.accel
 }
 
-/// Disks, seeds and domains for `nodes` of `plan`; returns the domain names.
-fn provision(plan: &LabPlan, keys: &LabKeys, hv: &dyn Hypervisor, nodes: &[&str]) -> Vec<String> {
+/// The nodes a test boots through cloud-init instead of the image's lean first boot
+/// (the same seed serves both; only the kernel command line differs).
+const CLOUD_INIT_NODES: &[&str] = &["n1"];
+
+/// Disks, seeds and domains for `nodes` of `plan`; returns the domain names. Nodes in
+/// `cloud_init` boot as a cloud image would (cloud-init reads the NoCloud files); the
+/// others as kthw-lab boots the offline image (its initrd applies the kthw/ files).
+fn provision(
+    plan: &LabPlan,
+    keys: &LabKeys,
+    hv: &dyn Hypervisor,
+    nodes: &[&str],
+    cloud_init: &[&str],
+) -> Vec<String> {
     let img = image_dir();
-    let opts = DomainOptions {
+    let opts_for = |node: &str| DomainOptions {
         accel: accel(),
         boot: Boot::DirectKernel {
             kernel: img.join("vmlinuz"),
             initrd: img.join("initrd.img"),
-            extra_cmdline: String::new(),
+            extra_cmdline: first_boot_cmdline(if cloud_init.contains(&node) {
+                FirstBoot::CloudInit
+            } else {
+                FirstBoot::KthwSeed
+            })
+            .to_string(),
         },
         seed: SeedKind::Fat,
     };
@@ -162,7 +181,7 @@ fn provision(plan: &LabPlan, keys: &LabKeys, hv: &dyn Hypervisor, nodes: &[&str]
         check_image(&n.disk_path).unwrap();
         let files = render_seed(plan, n, &keys.seed_keys(&n.name).unwrap());
         write_seed(&n.seed_path, &files).unwrap();
-        let xml = render_domain(plan, n, &opts).unwrap();
+        let xml = render_domain(plan, n, &opts_for(&n.name)).unwrap();
         hv.ensure_domain(&xml).unwrap();
         names.push(n.domain.clone());
     }
@@ -289,7 +308,7 @@ fn vm_two_nodes_boot_login_and_leave_nothing() {
     bridge(&plan);
     let hv = Libvirt::connect(None).unwrap();
     let keys = ensure_lab_keys(&plan).unwrap();
-    let names = provision(&plan, &keys, &hv, &["m1", "n1"]);
+    let names = provision(&plan, &keys, &hv, &["m1", "n1"], CLOUD_INIT_NODES);
     let took = boot(&plan, &keys, &hv, &names, Duration::from_secs(420));
     for (node, d) in &took {
         println!("MEASURE two-nodes {node}: boot-to-ssh {} s", d.as_secs());
@@ -318,35 +337,56 @@ fn vm_two_nodes_boot_login_and_leave_nothing() {
         // Each VM has its own machine-id.
         let mid = exec(&s, &t.node, "cat /etc/machine-id").unwrap();
         assert_eq!(mid.trim().len(), 32, "{}: machine-id {mid:?}", t.node);
-        // cloud-init finishes without errors (and sshd keeps its pinned key meanwhile).
-        let t0 = Instant::now();
-        let status = exec_timeout(
-            &s,
-            &t.node,
-            "cloud-init status --wait --long",
-            Duration::from_secs(300),
-        )
-        .unwrap();
-        println!(
-            "{}: cloud-init done {} s after login:\n{status}",
-            t.node,
-            t0.elapsed().as_secs()
-        );
-        assert!(status.contains("status: done"), "{}: {status}", t.node);
-        // cloud-init grew the root filesystem to the overlay's size (resize_rootfs).
-        let size: u64 = exec(&s, &t.node, "df -B1 --output=size / | tail -n1")
-            .unwrap()
-            .trim()
-            .parse()
+        let size_check = "df -B1 --output=size / | tail -n1";
+        let grown = |size: u64| size > (node.disk_gib - 1) << 30;
+        if CLOUD_INIT_NODES.contains(&node.name.as_str()) {
+            // cloud-init finishes without errors (and sshd keeps its pinned key meanwhile).
+            let t0 = Instant::now();
+            let status = exec_timeout(
+                &s,
+                &t.node,
+                "cloud-init status --wait --long",
+                Duration::from_secs(300),
+            )
             .unwrap();
+            println!(
+                "{}: cloud-init done {} s after login:\n{status}",
+                t.node,
+                t0.elapsed().as_secs()
+            );
+            assert!(status.contains("status: done"), "{}: {status}", t.node);
+            // The initrd left this boot to cloud-init: only its network file is there.
+            let net = exec(&s, &t.node, "ls /etc/systemd/network/").unwrap();
+            assert_eq!(net.trim(), "10-cloud-init-eth0.network", "{}", t.node);
+            let schema = exec(&s, &t.node, "sudo cloud-init schema --system 2>&1 || true").unwrap();
+            println!("{}: cloud-init schema --system: {}", t.node, schema.trim());
+        } else {
+            // The lean path: cloud-init never ran; the initrd applied the seed.
+            let status = exec(&s, &t.node, "cloud-init status || true").unwrap();
+            assert!(status.contains("disabled"), "{}: {status}", t.node);
+            let net = exec(&s, &t.node, "ls /etc/systemd/network/").unwrap();
+            assert_eq!(net.trim(), "10-kthw-eth0.network", "{}", t.node);
+        }
+        // The root filesystem grows to the overlay's size (cloud-init's resize_rootfs, or
+        // kthw-growfs.service on the lean path, both off the path to the first login).
+        let t0 = Instant::now();
+        let size = loop {
+            let size: u64 = exec(&s, &t.node, size_check)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            if grown(size) || t0.elapsed() > Duration::from_secs(180) {
+                break size;
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        };
         assert!(
-            size > (node.disk_gib - 1) << 30,
+            grown(size),
             "{}: root filesystem is {size} bytes, disk is {} GiB",
             t.node,
             node.disk_gib
         );
-        let schema = exec(&s, &t.node, "sudo cloud-init schema --system 2>&1 || true").unwrap();
-        println!("{}: cloud-init schema --system: {}", t.node, schema.trim());
         let units = exec(
             &s,
             &t.node,
@@ -387,7 +427,7 @@ fn vm_measure_boot_1_and_4_nodes() {
     let hv = Libvirt::connect(None).unwrap();
     let keys = ensure_lab_keys(&plan).unwrap();
 
-    let one = provision(&plan, &keys, &hv, &["m1"]);
+    let one = provision(&plan, &keys, &hv, &["m1"], &[]);
     let took = boot(&plan, &keys, &hv, &one, Duration::from_secs(400));
     println!(
         "MEASURE 1-node {}: boot-to-ssh {} s",
@@ -399,7 +439,7 @@ fn vm_measure_boot_1_and_4_nodes() {
     }
     remove_and_prove_empty(&plan, &hv);
 
-    let four = provision(&plan, &keys, &hv, &["m1", "m2", "n1", "n2"]);
+    let four = provision(&plan, &keys, &hv, &["m1", "m2", "n1", "n2"], &[]);
     let t = Instant::now();
     let took = boot(&plan, &keys, &hv, &four, Duration::from_secs(600));
     for (node, d) in &took {

@@ -8,7 +8,8 @@
 # The image has no bootloader, so the domains use the same direct kernel boot as
 # kthw-lab, without `cloud-init=disabled`: cloud-init configures the guest, as in a
 # stock cloud image. Memory, vCPUs, machine type and disk bus match kthw-lab's domains;
-# like a hand-written domain, it sets no TCG translation-cache size.
+# like a hand-written domain, it sets no TCG translation-cache size. The ISO is a
+# virtio-scsi CD-ROM: the Debian cloud kernel has no AHCI driver for q35's SATA.
 #
 #   tutorial-lab.sh up WORK N IMAGE_DIR MEMORY_MIB   # prints "ssh N_SECONDS" per node
 #   tutorial-lab.sh down WORK
@@ -83,10 +84,11 @@ EOF
       <source file="$work/$name.qcow2"/>
       <target dev="vda" bus="virtio"/>
     </disk>
+    <controller type="scsi" model="virtio-scsi"/>
     <disk type="file" device="cdrom">
       <driver name="qemu" type="raw"/>
       <source file="$work/$name-seed.iso"/>
-      <target dev="sda" bus="sata"/>
+      <target dev="sda" bus="scsi"/>
       <readonly/>
     </disk>
     <interface type="bridge">
@@ -104,17 +106,24 @@ EOF
         virsh define "$work/$name.xml" >/dev/null
         virsh start "$name" >/dev/null
     done
-    local start=$SECONDS
+    local start=$SECONDS timeout=${BASELINE_TIMEOUT:-900} pids=()
     for ((i = 0; i < n; i++)); do
         (
             until ssh -q -i "$work/id" -o BatchMode=yes -o StrictHostKeyChecking=no \
                 -o UserKnownHostsFile=/dev/null -o ConnectTimeout=2 "$user@$net.$((11 + i))" true 2>/dev/null; do
+                if ((SECONDS - start > timeout)); then
+                    echo "$prefix$i: no login after $timeout s; console: $work/$prefix$i.console.log" >&2
+                    exit 1
+                fi
                 sleep 1
             done
             echo "$prefix$i ssh $((SECONDS - start))"
         ) &
+        pids+=($!)
     done
-    wait
+    local failed=0
+    for i in "${pids[@]}"; do wait "$i" || failed=1; done
+    return $failed
 }
 
 down() {

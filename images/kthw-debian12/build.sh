@@ -84,13 +84,15 @@ HOOK
 # the image with `cloud-init=disabled` and a seed whose kthw/ directory holds the node's
 # facts as plain files. The initrd installs them into the root filesystem before systemd
 # starts, so the first boot runs no Python and waits for no device but the root disk.
-# A seed without kthw/ (or no seed) leaves the root untouched: cloud-init then works as
-# in a stock cloud image.
+# Booted without cloud-init=disabled, or with a seed without kthw/ (or no seed), it
+# leaves the root untouched: cloud-init then works as in a stock cloud image.
 read -r -d '' initrd_seed <<'SCRIPT' || true
 #!/bin/sh
 # kthw-lab: apply the node's seed (second virtio disk, FAT, kthw/ directory).
 case "$1" in prereqs) exit 0 ;; esac
 . /scripts/functions
+# Only when booted for the lean path; otherwise cloud-init owns the first boot.
+case " $(cat /proc/cmdline) " in *" cloud-init=disabled "*) ;; *) exit 0 ;; esac
 dev=/dev/vdb
 [ -b "$dev" ] || exit 0
 modprobe -q vfat || true
