@@ -124,7 +124,10 @@ fn seed_is_a_cidata_fat_volume_with_the_rendered_files() {
     let user_data = &entries[names.iter().position(|n| *n == "user-data").unwrap()];
     assert_eq!(user_data.1, files.user_data);
     for (name, content) in &files.kthw {
-        let read = &entries[names.iter().position(|n| *n == format!("kthw/{name}")).unwrap()];
+        let read = &entries[names
+            .iter()
+            .position(|n| *n == format!("kthw/{name}"))
+            .unwrap()];
         assert_eq!(&read.1, content, "kthw/{name} reads back as written");
     }
     assert!(user_data

@@ -1162,13 +1162,23 @@ fn build_places_the_output_atomically_and_records_digests() {
 fn an_edited_recipe_rebuilds_the_cached_image() {
     let root = catalog_root(&[("fake", BUILD_ENTRY)]);
     let recipe = |disk: &str| {
-        format!("printf {disk} > $out/disk.qcow2\nprintf k > $out/vmlinuz\nprintf i > $out/initrd.img")
+        format!(
+            "printf {disk} > $out/disk.qcow2\nprintf k > $out/vmlinuz\nprintf i > $out/initrd.img"
+        )
     };
     write_recipe(root.path(), &recipe("one"));
     let cat = Catalog::load(&[root.path().to_path_buf()]).unwrap();
     let cache = Cache::at(tempfile::tempdir().unwrap().keep()).with_options(opts());
-    assert!(run(cache.ensure_image(&cat, "fake", Progress::Quiet)).unwrap().fetched);
-    assert!(!run(cache.ensure_image(&cat, "fake", Progress::Quiet)).unwrap().fetched);
+    assert!(
+        run(cache.ensure_image(&cat, "fake", Progress::Quiet))
+            .unwrap()
+            .fetched
+    );
+    assert!(
+        !run(cache.ensure_image(&cat, "fake", Progress::Quiet))
+            .unwrap()
+            .fetched
+    );
 
     // The image built by the old recipe no longer counts as cached.
     write_recipe(root.path(), &recipe("two"));
@@ -1177,7 +1187,11 @@ fn an_edited_recipe_rebuilds_the_cached_image() {
     let img = run(cache.ensure_image(&cat, "fake", Progress::Quiet)).unwrap();
     assert!(img.fetched, "an edited recipe must rebuild");
     assert_eq!(std::fs::read(&img.disk).unwrap(), b"two");
-    assert!(!run(cache.ensure_image(&cat, "fake", Progress::Quiet)).unwrap().fetched);
+    assert!(
+        !run(cache.ensure_image(&cat, "fake", Progress::Quiet))
+            .unwrap()
+            .fetched
+    );
 }
 
 #[test]
