@@ -493,10 +493,10 @@ fn cmd_image(command: crate::cli::ImageCommand, state_dir: &Path) -> Result<()> 
                 .map_err(|e| fail(&name, e))?;
             eprintln!(
                 "image `{name}` {} ({})",
-                if img.fetched {
-                    "downloaded and verified"
-                } else {
-                    "already cached"
+                match (img.fetched, img.manifest.source.as_str()) {
+                    (false, _) => "already cached",
+                    (true, "build") => "built from its recipe",
+                    (true, _) => "downloaded and verified",
                 },
                 img.disk.display()
             );

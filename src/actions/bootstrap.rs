@@ -249,7 +249,17 @@ pub fn systemd_apply_cmd(units: &[&str], changed: bool, no_block: bool) -> Strin
     let list = units.join(" ");
     let nb = if no_block { " --no-block" } else { "" };
     let action = if changed { "restart" } else { "start" };
-    format!("systemctl daemon-reload && systemctl enable {list} && systemctl{nb} {action} {list}")
+    // A daemon-reload costs seconds under emulation: only when a file changed, or when
+    // systemd says its loaded copy is stale (a run killed between upload and reload).
+    // `enable --no-reload` only makes the symlinks; starting needs no reload for them.
+    let reload = if changed {
+        "systemctl daemon-reload".to_string()
+    } else {
+        format!(
+            "if systemctl show -p NeedDaemonReload --value {list} | grep -qx yes; then systemctl daemon-reload; fi"
+        )
+    };
+    format!("{reload} && systemctl --no-reload enable {list} && systemctl{nb} {action} {list}")
 }
 
 /// `systemctl is-active` for several units; one state per line, in order.

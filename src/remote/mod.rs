@@ -466,6 +466,13 @@ impl SshRemote {
             sess.set_timeout(local.as_millis().clamp(1, u32::MAX as u128) as u32);
             run_on(&sess, &wrapped, stdin)
         };
+        tracing::debug!(
+            node,
+            cmd,
+            secs = format!("{:.2}", started.elapsed().as_secs_f64()),
+            status = result.as_ref().map(|o| o.status).ok(),
+            "remote command"
+        );
         match result {
             // 124: coreutils `timeout` stopped the command (137 when it had to kill).
             Ok(out)
