@@ -49,19 +49,23 @@ use support::text;
 const LAB: &str = "flt";
 const UNTIL: &str = "runtime";
 
-/// Every phase that can run here, and how long after `==> PHASE` the kill comes:
-/// well inside the phase's first real run on this kind of machine (TCG, 2 cores).
-const KILLS: [(&str, u64); 10] = [
-    ("network", 20),
-    ("image", 0),
-    ("disks", 100),
-    ("domains", 200),
-    ("wait-ssh", 10_000),
-    ("pki", 0),
-    ("lb", 0),
-    ("etcd", 2_000),
-    ("routes", 500),
-    ("runtime", 1_500),
+/// Every phase that can run here, and where the kill comes: after `==> PHASE` and,
+/// when given, a later line of the phase's own output, plus a delay. Chosen (from
+/// measured runs on a TCG host with 2 busy cores) to land inside the phase's first
+/// real run, mid-work where the phase lasts long enough: pki issues 11 certificates
+/// in ~0.3 s, the balancer is spawned and then watched for 0.3 s, runtime first
+/// spends ~14 s failing to download crictl (no network here) before its SSH work.
+const KILLS: [(&str, Option<&str>, u64); 10] = [
+    ("network", None, 20),
+    ("image", None, 0),
+    ("disks", None, 100),
+    ("domains", None, 200),
+    ("wait-ssh", None, 10_000),
+    ("pki", None, 120),
+    ("lb", None, 150),
+    ("etcd", None, 2_000),
+    ("routes", Some("  routes: c1, w1"), 3_000),
+    ("runtime", Some("  runtime: w1"), 5_000),
 ];
 
 fn scenario(tmp: &Path) -> PathBuf {
@@ -91,7 +95,7 @@ fn phase_state(state: &Path, phase: &str) -> Option<String> {
 fn earlier(phase: &str) -> impl Iterator<Item = &'static str> + '_ {
     KILLS
         .iter()
-        .map(|(p, _)| *p)
+        .map(|(p, ..)| *p)
         .take_while(move |p| *p != phase)
 }
 
@@ -127,7 +131,7 @@ fn fail_at(state: &Path, f: &str, phase: &str) -> f64 {
 
 /// `create`, SIGKILLed `delay_ms` after it announces `phase`; the journal proves the
 /// kill landed inside the phase.
-fn kill_at(state: &Path, f: &str, phase: &str, delay_ms: u64) -> f64 {
+fn kill_at(state: &Path, f: &str, phase: &str, then: Option<&str>, delay_ms: u64) -> f64 {
     let t = Instant::now();
     let mut child = kthw_cmd(state, &["create", f, "--until", UNTIL])
         .stdout(Stdio::null())
@@ -143,16 +147,20 @@ fn kill_at(state: &Path, f: &str, phase: &str, delay_ms: u64) -> f64 {
             }
         }
     });
-    let trigger = format!("==> {phase}:");
-    let mut seen = false;
-    while let Ok(line) = rx.recv_timeout(Duration::from_secs(600)) {
-        eprintln!("{line}");
-        if line.contains(&trigger) {
-            seen = true;
-            break;
+    let announce = format!("==> {phase}:");
+    let mut triggers: Vec<&str> = vec![&announce];
+    triggers.extend(then);
+    for trigger in triggers {
+        let mut seen = false;
+        while let Ok(line) = rx.recv_timeout(Duration::from_secs(600)) {
+            eprintln!("{line}");
+            if line.contains(trigger) {
+                seen = true;
+                break;
+            }
         }
+        assert!(seen, "create never printed `{trigger}` ({phase})");
     }
-    assert!(seen, "create never reached {phase}");
     std::thread::sleep(Duration::from_millis(delay_ms));
     // SAFETY: kill(2) on the child this test started.
     assert_eq!(
@@ -165,7 +173,10 @@ fn kill_at(state: &Path, f: &str, phase: &str, delay_ms: u64) -> f64 {
     while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
         eprintln!("{line}");
     }
-    eprintln!("--- killed (SIGKILL) {delay_ms} ms into {phase}");
+    eprintln!(
+        "--- killed (SIGKILL) {delay_ms} ms after `{}` in {phase}",
+        then.unwrap_or("==>")
+    );
     assert_eq!(st.signal(), Some(libc::SIGKILL), "{st}");
     assert_eq!(
         phase_state(state, phase).as_deref(),
@@ -257,8 +268,8 @@ fn faults_at_every_phase_converge_and_destroy_leaves_nothing() {
     timings.push(format!("destroy after fail network {s:.1} s"));
 
     let mut id = Identity::default();
-    for (phase, delay) in KILLS {
-        let s = kill_at(&state, f, phase, delay);
+    for (phase, then, delay) in KILLS {
+        let s = kill_at(&state, f, phase, then, delay);
         timings.push(format!("kill {phase} {s:.1} s"));
         if phase == "domains" {
             // qemu mid-boot, taps on the bridge, domains defined: all must go.
@@ -282,7 +293,7 @@ fn faults_at_every_phase_converge_and_destroy_leaves_nothing() {
         t.elapsed().as_secs_f64()
     ));
     let j = journal(&state);
-    for (p, _) in KILLS {
+    for (p, ..) in KILLS {
         assert_eq!(phase_state(&state, p).as_deref(), Some("done"), "{j}");
     }
     id.absorb(identity(&state, &plan), "the converging create");
@@ -311,7 +322,7 @@ fn faults_at_every_phase_converge_and_destroy_leaves_nothing() {
     }
 
     // A kill after boot (balancer running, SSH sessions open), then destroy.
-    let s = kill_at(&state, f, "etcd", 500);
+    let s = kill_at(&state, f, "etcd", None, 500);
     timings.push(format!("kill etcd (post-boot) {s:.1} s"));
     let s = destroy_leaves_nothing(&state, &plan);
     timings.push(format!("destroy after kill etcd {s:.1} s"));
