@@ -151,6 +151,7 @@ fn sha256_hex(s: &str) -> String {
 }
 
 fn cmd_create(path: &Path, range: Range, connect: &str, state_dir: &Path) -> Result<()> {
+    let fault = actions::injected_fault_from_env()?;
     let state_dir = absolute(state_dir);
     let (plan, _text) = load_plan_text(path, &state_dir)?;
     let saved = crate::state::read_plan(&state_dir, &plan.lab).map_err(|e| {
@@ -200,7 +201,7 @@ fn cmd_create(path: &Path, range: Range, connect: &str, state_dir: &Path) -> Res
         state_dir: state_dir.clone(),
         catalog_roots: scenario::Sources::for_scenario(path).roots,
     };
-    let runner = Runner::new(actions::phases::actions(&plan, &opts));
+    let runner = Runner::new(actions::phases::actions(&plan, &opts)).inject_fault(fault);
     let plan_sha = sha256_hex(&plan_identity(&plan));
     let mut journal = Journal::open(&plan.paths.journal, &plan.lab, &plan_sha).map_err(|e| {
         Error::with_source(

@@ -51,6 +51,9 @@ pub enum Error {
     Usage { what: String, hint: String },
     #[error("interrupted during phase `{phase}`")]
     Interrupted { phase: String },
+    /// The test hook `KTHW_LAB_INJECT_FAULT` failed this phase on purpose.
+    #[error("injected fault: phase `{phase}` failed on purpose after its work was done (KTHW_LAB_INJECT_FAULT)")]
+    InjectedFault { phase: String },
     #[error("phase `{phase}` of lab `{lab}` failed")]
     Phase {
         phase: String,
@@ -82,7 +85,9 @@ impl Error {
             Error::Provision { .. } => exit::HOST_PROVISIONING,
             Error::Boot { .. } => exit::BOOT_TIMEOUT,
             Error::Bootstrap { .. } => exit::BOOTSTRAP,
-            Error::NotAvailable { .. } | Error::Other { .. } => exit::OTHER,
+            Error::NotAvailable { .. } | Error::Other { .. } | Error::InjectedFault { .. } => {
+                exit::OTHER
+            }
             Error::Usage { .. } => exit::BAD_SCENARIO,
             Error::Interrupted { .. } => exit::INTERRUPTED,
             Error::Phase { source, .. } => source.exit_code(),
@@ -112,6 +117,9 @@ impl Error {
                 h
             }
             Error::Other { hint, .. } => hint.iter().cloned().collect(),
+            Error::InjectedFault { .. } => {
+                vec!["unset KTHW_LAB_INJECT_FAULT; it is a test hook".into()]
+            }
         }
     }
 

@@ -372,3 +372,27 @@ fn cache_import_verifies_component_files_before_caching_them() {
         "the verified copy stays"
     );
 }
+
+#[test]
+fn an_unknown_phase_in_the_fault_hook_is_refused_before_anything_happens() {
+    let state = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_kthw-lab"))
+        .args(["create", "scenarios/1m1w.yaml"])
+        .current_dir(root())
+        .env("KTHW_LAB_STATE_DIR", state.path())
+        .env("KTHW_LAB_INJECT_FAULT", "netwrk")
+        .output()
+        .expect("run kthw-lab");
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("KTHW_LAB_INJECT_FAULT=netwrk names no phase"),
+        "{err}"
+    );
+    assert!(err.contains("hint: phases: network, image, disks"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(state.path()).unwrap().count(),
+        0,
+        "nothing was written"
+    );
+}

@@ -8,69 +8,12 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use support::{root, text};
-
-const INSIDE: &str = "KTHW_E2E_INSIDE";
-
-/// Outside: build the image, then re-run `test` inside netns-run. True when the
-/// caller is inside and should do the work.
-fn enter(test: &str) -> bool {
-    if std::env::var_os(INSIDE).is_some() {
-        return true;
-    }
-    if std::env::var("KTHW_VM_TESTS").as_deref() != Ok("1") {
-        println!("SKIPPED {test}: real-VM test; set KTHW_VM_TESTS=1 to run it");
-        return false;
-    }
-    let image = support::shared_image();
-    let st = Command::new(root().join("scripts/netns-run"))
-        .arg(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--nocapture"])
-        .env(INSIDE, "1")
-        .env("KTHW_E2E_CACHE", image.parent().unwrap().parent().unwrap())
-        .status()
-        .expect("run scripts/netns-run");
-    assert!(
-        st.success(),
-        "{test} failed inside scripts/netns-run ({st})"
-    );
-    false
-}
-
-fn sh(cmd: &str) -> String {
-    let o = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn kthw(state: &Path, args: &[&str]) -> Output {
-    let o = Command::new(env!("CARGO_BIN_EXE_kthw-lab"))
-        .arg("--state-dir")
-        .arg(state)
-        .args(args)
-        .current_dir(root())
-        .env("KTHW_LAB_PLAIN", "1")
-        .output()
-        .unwrap();
-    // Show the user's view in the test log.
-    eprintln!(
-        "$ kthw-lab {}\n{}{}",
-        args.join(" "),
-        text(&o.stdout),
-        text(&o.stderr)
-    );
-    o
-}
-
-/// A state dir whose cache is the shared one (the image is built once).
-fn state_dir(tmp: &Path) -> PathBuf {
-    let state = tmp.join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let cache = std::env::var_os("KTHW_E2E_CACHE").expect("set by enter()");
-    std::os::unix::fs::symlink(cache, state.join("cache")).unwrap();
-    state
-}
+use support::lab::{
+    destroy_leaves_nothing, enter, kthw, plan_json, sh, stand_in_uplink, state_dir,
+};
+use support::text;
 
 fn scenario(tmp: &Path) -> PathBuf {
     let f = tmp.join("e2e.yaml");
@@ -93,7 +36,7 @@ fn create_until_runtime_converges_and_destroy_leaves_nothing() {
     if !enter("create_until_runtime_converges_and_destroy_leaves_nothing") {
         return;
     }
-    sh("ip link add upl0 type veth peer name upl1; ip link set upl0 up; ip link set upl1 up");
+    stand_in_uplink();
     let tmp = tempfile::tempdir().unwrap();
     let state = state_dir(tmp.path());
     let f = scenario(tmp.path());
@@ -293,23 +236,10 @@ fn create_until_runtime_converges_and_destroy_leaves_nothing() {
     .contains("no"));
 
     // Destroy, then prove nothing is left on the real system.
-    let t2 = std::time::Instant::now();
-    let o = kthw(&state, &["destroy", "e2e"]);
-    assert!(o.status.success());
-    println!("destroy took {:.1} s", t2.elapsed().as_secs_f64());
-    assert_eq!(
-        sh("virsh -q -c qemu:///system list --all --name").trim(),
-        ""
-    );
-    assert!(!sh("ip -o link").contains("kbr0"));
+    let plan = plan_json(&state, f);
+    let secs = destroy_leaves_nothing(&state, &plan);
+    println!("destroy took {secs:.1} s");
     assert!(!sh("ip -o link").contains("vnet"), "tap devices left");
-    assert!(!sh("nft list tables").contains("kthw_e2e"));
-    assert!(!sh("ip route").contains("10.241."), "pod routes left");
-    assert!(
-        !sh("ps -eo args").contains("labs/e2e/lb/lb.json"),
-        "balancer still runs"
-    );
-    assert!(!state.join("labs/e2e").exists());
     // The shared image stays cached.
     assert!(state.join("cache/images/kthw-debian12").exists());
 }

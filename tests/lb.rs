@@ -1081,6 +1081,23 @@ fn detached_process_status_reload_and_stop() {
         other.try_wait().unwrap().is_none(),
         "the other process was left alone"
     );
+
+    // create killed between starting the balancer and writing its pid file: the
+    // orphan holds the address, so the next run adopts it rather than start another.
+    let orphan = lb::spawn_detached(exe, &args, &pid_file, &log).unwrap();
+    wait(&|s| s.pid == orphan);
+    std::fs::remove_file(&pid_file).unwrap();
+    assert!(!lb::is_running(&pid_file));
+    assert_eq!(
+        lb::ensure_running(exe, &args, &pid_file, &log).unwrap(),
+        lb::Ensured::Reloaded(orphan)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        orphan.to_string()
+    );
+    assert_eq!(wait(&|s| s.reloads == 1).pid, orphan);
+    lb::stop(&pid_file).unwrap();
     other.kill().unwrap();
     other.wait().unwrap();
 }

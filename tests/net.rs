@@ -13,7 +13,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use ipnetwork::Ipv4Network;
-use kthw_lab::host::net::{owner_marker, LinuxNet, NetError, NetHost, NetworkSpec, PodRoute};
+use kthw_lab::host::net::{
+    owner_marker, pending_bridge_path, LinuxNet, NetError, NetHost, NetworkSpec, PodRoute,
+};
 use serde_json::Value;
 
 const INNER: &str = "KTHWT_INNER";
@@ -780,4 +782,57 @@ fn two_labs_coexist() {
 
 fn check_state_dir_is_clean(state: &Path) {
     assert!(!state.join("host/ip_forward.json").exists());
+}
+
+#[test]
+fn a_bridge_left_unmarked_by_a_crash_is_adopted_or_removed() {
+    in_namespaces(
+        "a_bridge_left_unmarked_by_a_crash_is_adopted_or_removed",
+        1,
+        |ctx| {
+            let host = ctx.net();
+            let s = spec("t8", "brt", "10.77.0.0/24");
+            let pending = pending_bridge_path(ctx.state.path(), "t8");
+            let alias = || json("ip", &["-j", "link", "show", "brt"])[0]["ifalias"].clone();
+            // What a SIGKILL between creating the bridge and setting its ifalias
+            // leaves (the kernel ignores the alias in the creating request).
+            let crash_leftover = || {
+                std::fs::create_dir_all(pending.parent().unwrap()).unwrap();
+                std::fs::write(&pending, "brt").unwrap();
+                sh("ip link add brt type bridge");
+            };
+            crash_leftover();
+            assert_eq!(alias(), Value::Null);
+            let seen = host.observe("t8").unwrap();
+            assert_eq!(
+                seen.bridges.len(),
+                1,
+                "the lab's, for teardown's residue check"
+            );
+            // The next run adopts it and finishes the job.
+            let r = host.ensure_network(&s).unwrap();
+            assert!(!r.bridge_created, "{r:?}");
+            assert_eq!(alias(), "kthw-lab:t8");
+            assert!(!pending.exists());
+            let rm = host.remove_network("t8").unwrap();
+            assert_eq!(rm.bridges_removed, vec!["brt".to_string()]);
+
+            // Or destroy finds it straight away.
+            crash_leftover();
+            let rm = host.remove_network("t8").unwrap();
+            assert_eq!(rm.bridges_removed, vec!["brt".to_string()]);
+            assert!(!link_exists("brt") && !pending.exists());
+
+            // A record naming another bridge does not make an unmarked brt ours.
+            std::fs::write(&pending, "brx").unwrap();
+            sh("ip link add brt type bridge");
+            let e = host.ensure_network(&s).unwrap_err();
+            assert!(matches!(e, NetError::BridgeNotOwned { .. }), "{e:?}");
+            assert_eq!(host.remove_network("t8").unwrap(), Default::default());
+            assert!(link_exists("brt"));
+            sh("ip link del brt");
+            assert!(!pending.exists());
+            check_state_dir_is_clean(ctx.state.path());
+        },
+    );
 }

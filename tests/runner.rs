@@ -312,3 +312,55 @@ fn a_phase_this_build_cannot_run_is_named_with_where_the_lab_stands() {
         e.report()
     );
 }
+
+#[test]
+fn an_injected_fault_fails_the_phase_after_its_work_and_the_next_run_converges() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = lab_plan(dir.path());
+    let log = Log::default();
+    let r = runner(&FIRST5, &log, None, None).inject_fault(Some(Phase::Disks));
+    let cx = RunCtx::new(&p, Progress::capturing(), Cancel::new());
+    let mut j = Journal::open(&p.paths.journal, &p.lab, "h1").unwrap();
+    let (timings, res) = r.run(&cx, &mut j, Range::default());
+    let e = res.unwrap_err();
+    // The action itself ran to the end: its side effects happened.
+    assert_eq!(
+        *log.lock().unwrap(),
+        vec![Phase::Network, Phase::Image, Phase::Disks]
+    );
+    assert!(cx
+        .progress
+        .captured()
+        .iter()
+        .any(|l| l == "  node-a: ok (0.0 s)"));
+    assert_eq!(e.exit_code(), 1);
+    let report = e.report();
+    assert!(
+        report.contains("caused by: injected fault: phase `disks` failed on purpose"),
+        "{report}"
+    );
+    assert!(
+        report.contains("hint: unset KTHW_LAB_INJECT_FAULT"),
+        "{report}"
+    );
+    assert_eq!(timings.last().unwrap().state, PhaseState::Failed);
+    let saved = Journal::open(&p.paths.journal, &p.lab, "h1").unwrap();
+    assert_eq!(saved.get(Phase::Disks).unwrap().state, PhaseState::Failed);
+    assert!(saved.get(Phase::Domains).is_none());
+
+    // Without the hook the same runner converges.
+    let log2 = Log::default();
+    let r2 = runner(&FIRST5, &log2, None, None).inject_fault(None);
+    let mut j2 = Journal::open(&p.paths.journal, &p.lab, "h1").unwrap();
+    r2.run(
+        &cx,
+        &mut j2,
+        Range {
+            from: None,
+            until: Some(Phase::WaitSsh),
+        },
+    )
+    .1
+    .unwrap();
+    assert!(FIRST5.iter().all(|ph| j2.is_done(*ph)));
+}

@@ -138,11 +138,47 @@ pub struct RunManifest {
 
 pub struct Runner {
     actions: Vec<Box<dyn Action>>,
+    fault: Option<Phase>,
+}
+
+/// The test hook's environment variable: `KTHW_LAB_INJECT_FAULT=PHASE` makes that
+/// phase fail right after its action succeeded, before the journal records it done.
+pub const INJECT_FAULT_ENV: &str = "KTHW_LAB_INJECT_FAULT";
+
+/// The phase named by `KTHW_LAB_INJECT_FAULT`, if set; an unknown name is a usage
+/// error (a typo must not silently test nothing).
+pub fn injected_fault_from_env() -> Result<Option<Phase>> {
+    let Some(v) = std::env::var_os(INJECT_FAULT_ENV) else {
+        return Ok(None);
+    };
+    let v = v.to_string_lossy();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    Phase::ALL
+        .into_iter()
+        .find(|p| p.name() == v)
+        .map(Some)
+        .ok_or_else(|| Error::Usage {
+            what: format!("{INJECT_FAULT_ENV}={v} names no phase"),
+            hint: format!("phases: {}", phase_list()),
+        })
 }
 
 impl Runner {
     pub fn new(actions: Vec<Box<dyn Action>>) -> Runner {
-        Runner { actions }
+        Runner {
+            actions,
+            fault: None,
+        }
+    }
+
+    /// Test hook: make `phase` fail after its action has done its work (every side
+    /// effect happened) but before the journal records it done, as a crash or an
+    /// error at the worst moment would.
+    pub fn inject_fault(mut self, phase: Option<Phase>) -> Runner {
+        self.fault = phase;
+        self
     }
 
     /// The phases this build can run.
@@ -225,8 +261,6 @@ impl Runner {
                     },
                 });
             };
-            cx.progress
-                .println(&format!("==> {phase}: {}", phase.describe()));
             let started = journal::now_unix();
             journal.set(PhaseRecord {
                 phase,
@@ -236,8 +270,17 @@ impl Runner {
                 error: None,
             });
             save(journal)?;
+            // Announced once the journal knows: whoever watches the output (a test
+            // that kills the run mid-phase, say) finds the phase recorded as running.
+            cx.progress
+                .println(&format!("==> {phase}: {}", phase.describe()));
             let t0 = Instant::now();
-            let r = action.run(cx);
+            let r = match action.run(cx) {
+                Ok(()) if self.fault == Some(phase) => Err(Error::InjectedFault {
+                    phase: phase.name().into(),
+                }),
+                r => r,
+            };
             let seconds = t0.elapsed().as_secs_f64();
             let state = match &r {
                 Ok(()) => PhaseState::Done,

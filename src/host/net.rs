@@ -40,6 +40,66 @@ pub fn ip_forward_record_path(state_dir: &Path) -> PathBuf {
     state_dir.join("host").join("ip_forward.json")
 }
 
+/// Written just before the lab creates its bridge and removed once the bridge
+/// carries the lab's ifalias. The kernel ignores IFLA_IFALIAS in the creating
+/// request, so the alias takes a second one; a crash (SIGKILL) between the two leaves
+/// an unmarked bridge, which this record (holding the bridge's name) lets the next
+/// `ensure_network` adopt and `remove_network` delete. A bridge that was there before
+/// the lab never gets a record, so it is never taken.
+pub fn pending_bridge_path(state_dir: &Path, lab: &str) -> PathBuf {
+    crate::plan::LabPaths::new(state_dir, lab)
+        .root
+        .join("network.pending-bridge")
+}
+
+/// The bridge a crashed creation left unmarked, if the record names one.
+fn read_pending_bridge(path: &Path) -> Result<Option<String>, NetError> {
+    match fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => Ok(Some(s.trim().to_string())),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(NetError::State {
+            op: "read",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn write_pending_bridge(path: &Path, bridge: &str) -> Result<(), NetError> {
+    let st = |op: &'static str| {
+        let path = path.to_path_buf();
+        move |source| NetError::State { op, path, source }
+    };
+    fs::create_dir_all(path.parent().expect("record has a parent"))
+        .map_err(st("create the directory of"))?;
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut f = fs::File::create(&tmp).map_err(st("write"))?;
+        f.write_all(bridge.as_bytes()).map_err(st("write"))?;
+        f.sync_all().map_err(st("write"))?;
+    }
+    fs::rename(&tmp, path).map_err(st("replace"))
+}
+
+fn clear_pending_bridge(path: &Path) -> Result<(), NetError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(NetError::State {
+            op: "remove",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// A bridge named `name` without any ifalias: what a crashed creation leaves.
+fn is_unmarked_bridge(l: &LinkLite, name: &str) -> bool {
+    l.name == name && l.kind.as_deref() == Some("bridge") && l.alias.is_none()
+}
+
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 const RT_TABLE_LOCAL: u32 = 255;
 
@@ -483,7 +543,8 @@ impl NetHost for LinuxNet {
                 return Err(NetError::UplinkMissing { uplink: u.clone() });
             }
         }
-        let (mut report, bridge) = self.run(async |nl| ensure_bridge(nl, spec).await)?;
+        let pending = pending_bridge_path(&self.state_dir, &spec.lab);
+        let (mut report, bridge) = self.run(async |nl| ensure_bridge(nl, spec, &pending).await)?;
 
         let forward = ForwardRecord::acquire(&self.state_dir, &spec.lab)?;
         report.ip_forward_enabled = forward;
@@ -533,14 +594,18 @@ impl NetHost for LinuxNet {
         // Each step finds its targets by marker, so a failure part-way leaves a state
         // that the next run finishes.
         let tables_removed = nat::remove_tables(&marker)?;
+        let pending_path = pending_bridge_path(&self.state_dir, lab);
+        let pending = read_pending_bridge(&pending_path)?;
         let (bridges_removed, routes_removed) = self.run(async |nl| {
             let mut names = Vec::new();
             let mut routes = Vec::new();
             let links = nl.links().await?;
             let all_routes = nl.routes_v4().await?;
-            // Only bridges: the marker is only ever written on a bridge the lab made.
+            // Only bridges: the marker is only ever written on a bridge the lab made;
+            // and the unmarked one a crashed creation left, named by the record.
             let owned = links.iter().filter(|l| {
-                l.alias.as_deref() == Some(&marker) && l.kind.as_deref() == Some("bridge")
+                (l.alias.as_deref() == Some(&marker) && l.kind.as_deref() == Some("bridge"))
+                    || pending.as_deref().is_some_and(|p| is_unmarked_bridge(l, p))
             });
             for l in owned {
                 routes.extend(pod_routes_on(&all_routes, l.index));
@@ -552,6 +617,7 @@ impl NetHost for LinuxNet {
             }
             Ok((names, routes))
         })?;
+        clear_pending_bridge(&pending_path)?;
         Ok(RemovalReport {
             bridges_removed,
             routes_removed,
@@ -562,12 +628,14 @@ impl NetHost for LinuxNet {
 
     fn observe(&self, lab: &str) -> Result<NetworkState, NetError> {
         let marker = owner_marker(lab);
+        let pending = read_pending_bridge(&pending_bridge_path(&self.state_dir, lab))?;
         let bridges = self.run(async |nl| {
             let links = nl.links().await?;
             let routes = nl.routes_v4().await?;
             let mut out = Vec::new();
             for l in links.into_iter().filter(|l| {
-                l.alias.as_deref() == Some(&marker) && l.kind.as_deref() == Some("bridge")
+                (l.alias.as_deref() == Some(&marker) && l.kind.as_deref() == Some("bridge"))
+                    || pending.as_deref().is_some_and(|p| is_unmarked_bridge(l, p))
             }) {
                 let addresses = nl
                     .addrs_v4(l.index)
@@ -647,6 +715,22 @@ async fn owned_bridge(nl: &Nl, spec: &NetworkSpec) -> Result<LinkLite, NetError>
     }
 }
 
+async fn set_bridge_alias(nl: &Nl, index: u32, spec: &NetworkSpec) -> Result<(), NetError> {
+    nl.handle
+        .link()
+        .change(
+            LinkUnspec::new_with_index(index)
+                .alias(spec.bridge_alias.clone())
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(nl_err(
+            "set the ifalias of",
+            format!("bridge {}", spec.bridge),
+        ))
+}
+
 fn check_bridge_owner(l: &LinkLite, spec: &NetworkSpec) -> Result<(), NetError> {
     let is_bridge = l.kind.as_deref() == Some("bridge");
     if is_bridge && l.alias.as_deref() == Some(spec.bridge_alias.as_str()) {
@@ -664,14 +748,26 @@ fn check_bridge_owner(l: &LinkLite, spec: &NetworkSpec) -> Result<(), NetError> 
     })
 }
 
-async fn ensure_bridge(nl: &Nl, spec: &NetworkSpec) -> Result<(NetworkReport, u32), NetError> {
+async fn ensure_bridge(
+    nl: &Nl,
+    spec: &NetworkSpec,
+    pending: &Path,
+) -> Result<(NetworkReport, u32), NetError> {
     let mut report = NetworkReport::default();
     let links = nl.links().await?;
-    let existing = links.iter().find(|l| l.name == spec.bridge).cloned();
+    let mut existing = links.iter().find(|l| l.name == spec.bridge).cloned();
     let routes = nl.routes_v4().await?;
     let own_index = existing.as_ref().map(|l| l.index);
-    if let Some(l) = &existing {
+    if let Some(l) = &mut existing {
+        let ours_unmarked = is_unmarked_bridge(l, &spec.bridge)
+            && read_pending_bridge(pending)?.as_deref() == Some(spec.bridge.as_str());
+        if ours_unmarked {
+            // Our own creation, cut off before the alias was set: finish it.
+            set_bridge_alias(nl, l.index, spec).await?;
+            l.alias = Some(spec.bridge_alias.clone());
+        }
         check_bridge_owner(l, spec)?;
+        clear_pending_bridge(pending)?;
     }
     if let Some(r) = first_overlap(spec.subnet, &routes, own_index) {
         return Err(NetError::SubnetOverlap {
@@ -683,7 +779,8 @@ async fn ensure_bridge(nl: &Nl, spec: &NetworkSpec) -> Result<(NetworkReport, u3
     let link = match existing {
         Some(l) => l,
         None => {
-            // The alias goes in the same request, so no unmarked bridge can be left.
+            // Recorded first: the alias is only set by a second request (below).
+            write_pending_bridge(pending, &spec.bridge)?;
             nl.handle
                 .link()
                 .add(
@@ -705,21 +802,10 @@ async fn ensure_bridge(nl: &Nl, spec: &NetworkSpec) -> Result<(NetworkReport, u3
                     source: rtnetlink::Error::RequestFailed,
                 })?;
             if l.alias.as_deref() != Some(spec.bridge_alias.as_str()) {
-                // Kernels that ignore IFLA_IFALIAS on creation: set it now.
-                nl.handle
-                    .link()
-                    .change(
-                        LinkUnspec::new_with_index(l.index)
-                            .alias(spec.bridge_alias.clone())
-                            .build(),
-                    )
-                    .execute()
-                    .await
-                    .map_err(nl_err(
-                        "set the ifalias of",
-                        format!("bridge {}", spec.bridge),
-                    ))?;
+                // Kernels ignore IFLA_IFALIAS on creation (6.x does): set it now.
+                set_bridge_alias(nl, l.index, spec).await?;
             }
+            clear_pending_bridge(pending)?;
             l
         }
     };

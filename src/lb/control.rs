@@ -306,7 +306,33 @@ pub fn ensure_running(
         signal(pid, libc::SIGHUP)?;
         return Ok(Ensured::Reloaded(pid));
     }
+    // Started by a run that was killed before it wrote the pid file: the balancer
+    // holds the listen address, so a second one could never start. Adopt it.
+    if let Some(pid) = orphan(args) {
+        write_pid(pid_file, pid)?;
+        signal(pid, libc::SIGHUP)?;
+        return Ok(Ensured::Reloaded(pid));
+    }
     spawn_detached(exe, args, pid_file, log_file).map(Ensured::Started)
+}
+
+/// A live balancer started with exactly `args` (they name its config file), found
+/// in /proc.
+fn orphan(args: &[OsString]) -> Option<u32> {
+    let want: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort();
+    pids.into_iter().find(|pid| {
+        let c = cmdline(*pid);
+        c.len() == want.len() + 1 && c[1..] == want[..] && is_ours(&c) && alive(*pid)
+    })
 }
 
 /// Sends SIGHUP to the balancer in `pid_file` so it re-reads its config.

@@ -1,6 +1,8 @@
 //! Shared test support: network namespaces the test creates and always deletes.
 #![allow(dead_code)]
 
+pub mod lab;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1,0 +1,334 @@
+//! Faults at every phase of `create` up to `runtime`, against the real system (real
+//! VMs inside `scripts/netns-run`; needs `KTHW_VM_TESTS=1`, then fails rather than
+//! skips when anything is missing).
+//!
+//! One small lab (one controller, one worker, 512 MiB each). For every phase P from
+//! `network` to `runtime`, in pipeline order:
+//! - **kill**: `create` runs until the progress output shows `==> P`, and after a
+//!   short delay the test sends it a real SIGKILL; the journal must show P still
+//!   `running` (the kill landed inside the phase);
+//! - **failing step**: `create` with the test hook `KTHW_LAB_INJECT_FAULT=P`, which
+//!   fails P after its work is done and before the journal records it. This run must
+//!   first converge through everything the kill left half-done: every phase before P
+//!   is journaled `done` again.
+//!
+//! The next kill run in turn converges from the injected fault. The lab's identity
+//! (saved plan, SSH user and host keys, every certificate and key, kubeconfigs,
+//! encryption config, the domains' MACs and UUIDs) is fingerprinted after every
+//! fault and must never change. At the end a plain `create` converges, `status`,
+//! `certs check` and a pinned-key SSH login work.
+//!
+//! `destroy` after a fault, with the residue check of `support::lab` (domains,
+//! volumes, links, taps, addresses, routes, nft table, balancer and qemu processes,
+//! state dir): after the injected fault in `network` (before anything else exists),
+//! after the kill in `domains` (qemu processes mid-boot, taps), and at the end after
+//! a kill in `etcd` (booted VMs, a running balancer, SSH sessions in flight).
+//!
+//! The order keeps it lean: the faults walk forward over one lab, so the VMs boot
+//! fully once (those started by the killed `domains` run are destroyed within a
+//! second); every later run re-checks the earlier phases of the booted lab. About
+//! 5-7 minutes on a 2-core TCG host shared with other VM work.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use support::lab::{
+    destroy_leaves_nothing, enter, kthw, kthw_cmd, kthw_env, plan_json, sh, stand_in_uplink,
+    state_dir,
+};
+use support::text;
+
+const LAB: &str = "flt";
+const UNTIL: &str = "runtime";
+
+/// Every phase that can run here, and where the kill comes: after `==> PHASE` and,
+/// when given, a later line of the phase's own output, plus a delay. Chosen (from
+/// measured runs on a TCG host with 2 busy cores) to land inside the phase's first
+/// real run, mid-work where the phase lasts long enough: pki issues 11 certificates
+/// in ~0.3 s, the balancer is spawned and then watched for 0.3 s, runtime first
+/// spends ~14 s failing to download crictl (no network here) before its SSH work.
+const KILLS: [(&str, Option<&str>, u64); 10] = [
+    ("network", None, 20),
+    ("image", None, 0),
+    ("disks", None, 100),
+    ("domains", None, 200),
+    ("wait-ssh", None, 10_000),
+    ("pki", None, 120),
+    ("lb", None, 150),
+    ("etcd", None, 2_000),
+    ("routes", Some("  routes: c1, w1"), 3_000),
+    ("runtime", Some("  runtime: w1"), 5_000),
+];
+
+fn scenario(tmp: &Path) -> PathBuf {
+    let f = tmp.join("flt.yaml");
+    std::fs::write(
+        &f,
+        "name: flt\nnetwork:\n  bridge: fbr0\n  subnet: 10.250.1.0/24\n  gateway: 10.250.1.1\n  uplink: upl0\naccelerator: auto\ncontrollers: {count: 1, names: [c1], memory_mib: 512, disk_gib: 4}\nworkers: {count: 1, names: [w1], memory_mib: 512, disk_gib: 4}\nload_balancer: {name: api, address: 10.250.1.15}\ncluster: {pod_cidr: 10.251.0.0/16, service_cidr: 10.252.0.0/24}\nfrom_image: [etcd, containerd, runc, cni-plugins]\n",
+    )
+    .unwrap();
+    f
+}
+
+fn journal(state: &Path) -> Value {
+    let p = state.join("labs").join(LAB).join("journal.json");
+    serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()
+}
+
+fn phase_state(state: &Path, phase: &str) -> Option<String> {
+    journal(state)["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["phase"] == phase)
+        .map(|r| r["state"].as_str().unwrap().to_string())
+}
+
+fn earlier(phase: &str) -> impl Iterator<Item = &'static str> + '_ {
+    KILLS
+        .iter()
+        .map(|(p, ..)| *p)
+        .take_while(move |p| *p != phase)
+}
+
+/// `create` with the failing-step hook at `phase`: it fails there, with the hook's
+/// error, after every earlier phase converged.
+fn fail_at(state: &Path, f: &str, phase: &str) -> f64 {
+    let t = Instant::now();
+    let o = kthw_env(
+        state,
+        &["create", f, "--until", UNTIL],
+        &[("KTHW_LAB_INJECT_FAULT", phase)],
+    );
+    let secs = t.elapsed().as_secs_f64();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "fault at {phase}: {err}");
+    assert!(
+        err.contains(&format!("error: phase `{phase}` of lab `{LAB}` failed"))
+            && err.contains(&format!(
+                "caused by: injected fault: phase `{phase}` failed on purpose"
+            )),
+        "{err}"
+    );
+    assert_eq!(phase_state(state, phase).as_deref(), Some("failed"));
+    for p in earlier(phase) {
+        assert_eq!(
+            phase_state(state, p).as_deref(),
+            Some("done"),
+            "phase {p} did not converge before the fault at {phase}"
+        );
+    }
+    secs
+}
+
+/// `create`, SIGKILLed `delay_ms` after it announces `phase`; the journal proves the
+/// kill landed inside the phase.
+fn kill_at(state: &Path, f: &str, phase: &str, then: Option<&str>, delay_ms: u64) -> f64 {
+    let t = Instant::now();
+    let mut child = kthw_cmd(state, &["create", f, "--until", UNTIL])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in err.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let announce = format!("==> {phase}:");
+    let mut triggers: Vec<&str> = vec![&announce];
+    triggers.extend(then);
+    for trigger in triggers {
+        let mut seen = false;
+        while let Ok(line) = rx.recv_timeout(Duration::from_secs(600)) {
+            eprintln!("{line}");
+            if line.contains(trigger) {
+                seen = true;
+                break;
+            }
+        }
+        assert!(seen, "create never printed `{trigger}` ({phase})");
+    }
+    std::thread::sleep(Duration::from_millis(delay_ms));
+    // SAFETY: kill(2) on the child this test started.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) },
+        0,
+        "create ended before the kill"
+    );
+    let st = child.wait().unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+        eprintln!("{line}");
+    }
+    eprintln!(
+        "--- killed (SIGKILL) {delay_ms} ms after `{}` in {phase}",
+        then.unwrap_or("==>")
+    );
+    assert_eq!(st.signal(), Some(libc::SIGKILL), "{st}");
+    assert_eq!(
+        phase_state(state, phase).as_deref(),
+        Some("running"),
+        "the kill did not land inside {phase}: {}",
+        journal(state)
+    );
+    secs
+}
+
+fn sha(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Fingerprints of what makes the lab this lab: the saved plan, every key,
+/// certificate, kubeconfig and the encryption config, and the domains' MACs and
+/// UUIDs.
+fn identity(state: &Path, plan: &Value) -> BTreeMap<String, String> {
+    let mut id = BTreeMap::new();
+    let root = state.join("labs").join(LAB);
+    if let Ok(b) = std::fs::read(root.join("plan.json")) {
+        id.insert("plan.json".into(), sha(&b));
+    }
+    for dir in ["ssh", "pki", "kubeconfigs"] {
+        let Ok(rd) = std::fs::read_dir(root.join(dir)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !e.path().is_file() {
+                continue;
+            }
+            id.insert(
+                format!("{dir}/{name}"),
+                sha(&std::fs::read(e.path()).unwrap()),
+            );
+        }
+    }
+    for n in plan["nodes"].as_array().unwrap() {
+        let d = n["domain"].as_str().unwrap();
+        let xml = sh(&format!("virsh -c qemu:///system dumpxml {d} 2>/dev/null"));
+        let pick = |open: &str, close: &str| {
+            xml.split_once(open)
+                .and_then(|(_, r)| r.split_once(close))
+                .map(|(v, _)| v.to_string())
+        };
+        if let Some(mac) = pick("<mac address='", "'") {
+            assert_eq!(mac, n["mac"].as_str().unwrap(), "{d} has another MAC");
+            id.insert(format!("{d} mac"), mac);
+        }
+        if let Some(uuid) = pick("<uuid>", "</uuid>") {
+            id.insert(format!("{d} uuid"), uuid);
+        }
+    }
+    id
+}
+
+/// Everything seen so far must stay the same.
+#[derive(Default)]
+struct Identity(BTreeMap<String, String>);
+
+impl Identity {
+    fn absorb(&mut self, now: BTreeMap<String, String>, step: &str) {
+        for (k, v) in &self.0 {
+            assert_eq!(now.get(k), Some(v), "{k} changed or vanished after {step}");
+        }
+        self.0.extend(now);
+    }
+}
+
+#[test]
+fn faults_at_every_phase_converge_and_destroy_leaves_nothing() {
+    if !enter("faults_at_every_phase_converge_and_destroy_leaves_nothing") {
+        return;
+    }
+    let t0 = Instant::now();
+    stand_in_uplink();
+    let tmp = tempfile::tempdir().unwrap();
+    let state = state_dir(tmp.path());
+    let f = scenario(tmp.path());
+    let f = f.to_str().unwrap();
+    let plan = plan_json(&state, f);
+    let mut timings: Vec<String> = Vec::new();
+
+    // Before anything exists: a failure in the first phase, then destroy.
+    let s = fail_at(&state, f, "network");
+    timings.push(format!("fail network {s:.1} s"));
+    let s = destroy_leaves_nothing(&state, &plan);
+    timings.push(format!("destroy after fail network {s:.1} s"));
+
+    let mut id = Identity::default();
+    for (phase, then, delay) in KILLS {
+        let s = kill_at(&state, f, phase, then, delay);
+        timings.push(format!("kill {phase} {s:.1} s"));
+        if phase == "domains" {
+            // qemu mid-boot, taps on the bridge, domains defined: all must go.
+            let s = destroy_leaves_nothing(&state, &plan);
+            timings.push(format!("destroy after kill domains {s:.1} s"));
+            id = Identity::default();
+        } else {
+            id.absorb(identity(&state, &plan), &format!("kill in {phase}"));
+        }
+        let s = fail_at(&state, f, phase);
+        timings.push(format!("fail {phase} {s:.1} s"));
+        id.absorb(identity(&state, &plan), &format!("fault in {phase}"));
+    }
+
+    // A plain run converges; the lab is the same lab and it works.
+    let t = Instant::now();
+    let o = kthw(&state, &["create", f, "--until", UNTIL]);
+    assert!(o.status.success(), "create after the faults failed");
+    timings.push(format!(
+        "converging create {:.1} s",
+        t.elapsed().as_secs_f64()
+    ));
+    let j = journal(&state);
+    for (p, ..) in KILLS {
+        assert_eq!(phase_state(&state, p).as_deref(), Some("done"), "{j}");
+    }
+    id.absorb(identity(&state, &plan), "the converging create");
+    for key in [
+        "ssh",
+        "pki/ca.pem",
+        "kubeconfigs/admin.kubeconfig",
+        "c1 mac",
+        "w1 uuid",
+    ] {
+        assert!(
+            id.0.keys().any(|k| k.starts_with(key) || k.ends_with(key)),
+            "nothing fingerprinted for {key}: {:?}",
+            id.0.keys()
+        );
+    }
+    let o = kthw(&state, &["status", LAB, "-o", "json"]);
+    assert!(o.status.success(), "status says the lab is not up");
+    let st: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(st["etcd_healthy"], true, "{st}");
+    assert!(kthw(&state, &["certs", "check", LAB]).status.success());
+    for node in ["c1", "w1"] {
+        let o = kthw(&state, &["ssh", LAB, node, "--", "hostname"]);
+        assert!(o.status.success(), "pinned-key login to {node}");
+        assert_eq!(text(&o.stdout).trim(), node);
+    }
+
+    // A kill after boot (balancer running, SSH sessions open), then destroy.
+    let s = kill_at(&state, f, "etcd", None, 500);
+    timings.push(format!("kill etcd (post-boot) {s:.1} s"));
+    let s = destroy_leaves_nothing(&state, &plan);
+    timings.push(format!("destroy after kill etcd {s:.1} s"));
+
+    println!("timings:\n  {}", timings.join("\n  "));
+    println!("fault test took {:.0} s", t0.elapsed().as_secs_f64());
+}
