@@ -259,7 +259,11 @@ pub fn systemd_apply_cmd(units: &[&str], changed: bool, no_block: bool) -> Strin
             "if systemctl show -p NeedDaemonReload --value {list} | grep -qx yes; then systemctl daemon-reload; fi"
         )
     };
-    format!("{reload} && systemctl --no-reload enable {list} && systemctl{nb} {action} {list}")
+    // `enable` of a unit that also has a SysV script runs update-rc.d (Perl, seconds
+    // under emulation) even when nothing changes: only when not enabled yet.
+    format!(
+        "{reload} && {{ systemctl is-enabled --quiet {list} || systemctl --no-reload enable {list}; }} && systemctl{nb} {action} {list}"
+    )
 }
 
 /// `systemctl is-active` for several units; one state per line, in order.
@@ -721,6 +725,10 @@ pub fn ensure_routes<R: Remote + ?Sized>(
 }
 
 const RUNTIME_UNITS: &[&str] = &["containerd"];
+
+/// Components a lab works without (debugging clients): installed when cached, fetched
+/// with one quick attempt, and not fetched again for a lab once that attempt failed.
+pub const OPTIONAL_COMPONENTS: &[&str] = &["crictl"];
 
 /// Kernel settings, containerd, runc, CNI plugins and crictl on every worker.
 pub fn ensure_runtime<R: Remote + ?Sized>(

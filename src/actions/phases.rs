@@ -929,6 +929,17 @@ fn fetch_components(
         let Some((_, release)) = catalog.release_for(&m.component, &cx.plan.versions) else {
             continue;
         };
+        let optional = super::bootstrap::OPTIONAL_COMPONENTS.contains(&m.component.as_str());
+        // An optional download that failed once for this lab is not retried on every
+        // run (offline, each try costs seconds); `cache import` still adds it.
+        let gave_up = cx
+            .plan
+            .paths
+            .root
+            .join(format!("fetch-failed-{}-{}", m.component, m.version));
+        if optional && gave_up.exists() {
+            continue;
+        }
         let line = cx.progress.line(
             &m.component,
             &format!("downloading {} {}", m.file_name, m.version),
@@ -945,12 +956,27 @@ fn fetch_components(
                 })
                 .and_then(|hex| Checksum::new(Algorithm::Sha256, &hex).map_err(|e| e.to_string())),
         };
+        let opts = if optional {
+            crate::cache::FetchOptions::quick()
+        } else {
+            crate::cache::FetchOptions::default()
+        };
         let result = expected.and_then(|c| {
-            blocking::fetch(&release.url, &c, &m.expected_path, CacheProgress::Lines)
-                .map_err(|e| e.to_string())
+            blocking::fetch_with(
+                &opts,
+                &release.url,
+                &c,
+                &m.expected_path,
+                CacheProgress::Lines,
+            )
+            .map_err(|e| e.to_string())
         });
         match result {
             Ok(_) => line.done("downloaded and verified"),
+            Err(e) if optional => {
+                let _ = std::fs::write(&gave_up, format!("{e}\n"));
+                line.fail(&format!("{e} (optional: not retried for this lab)"));
+            }
             Err(e) => line.fail(&e),
         }
     }

@@ -57,6 +57,16 @@ impl Default for FetchOptions {
 }
 
 impl FetchOptions {
+    /// For a file that is nice to have: one connect attempt with a short timeout, so
+    /// an offline host loses seconds, not a minute, before going on without it.
+    pub fn quick() -> FetchOptions {
+        FetchOptions {
+            connect_attempts: 1,
+            connect_timeout: Duration::from_secs(5),
+            ..FetchOptions::default()
+        }
+    }
+
     pub(crate) fn client(&self) -> Result<reqwest::Client, CacheError> {
         let mut b = reqwest::Client::builder()
             .connect_timeout(self.connect_timeout)

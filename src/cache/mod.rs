@@ -588,6 +588,24 @@ pub mod blocking {
         runtime()?.block_on(super::fetch(url, expected, dest, progress))
     }
 
+    /// [`fetch`] with explicit options (e.g. [`FetchOptions::quick`] for a file the
+    /// caller can do without).
+    pub fn fetch_with(
+        opts: &FetchOptions,
+        url: &str,
+        expected: &Checksum,
+        dest: &Path,
+        progress: Progress,
+    ) -> Result<Fetched, CacheError> {
+        runtime()?.block_on(super::fetch::fetch_with(
+            opts,
+            &[url.to_string()],
+            expected,
+            dest,
+            progress,
+        ))
+    }
+
     /// A small text file, e.g. a published checksum list (at most 4 MiB).
     pub fn fetch_text(url: &str) -> Result<String, CacheError> {
         let opts = FetchOptions::default();
