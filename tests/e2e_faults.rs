@@ -55,8 +55,9 @@ const UNTIL: &str = "runtime";
 /// when given, a later line of the phase's own output, plus a delay. Chosen (from
 /// measured runs on a TCG host with 2 busy cores) to land inside the phase's first
 /// real run, mid-work where the phase lasts long enough: pki issues 11 certificates
-/// in ~0.3 s, the balancer is spawned and then watched for 0.3 s, runtime first
-/// spends ~14 s failing to download crictl (no network here) before its SSH work.
+/// in ~0.3 s, the balancer is spawned and then watched for 0.3 s; routes and runtime
+/// are killed shortly after their per-node line, once their SSH work started (their
+/// first run takes 3-10 s of it on a quiet host, more under load).
 const KILLS: [(&str, Option<&str>, u64); 10] = [
     ("network", None, 20),
     ("image", None, 0),
@@ -66,8 +67,8 @@ const KILLS: [(&str, Option<&str>, u64); 10] = [
     ("pki", None, 120),
     ("lb", None, 150),
     ("etcd", None, 2_000),
-    ("routes", Some("  routes: c1, w1"), 3_000),
-    ("runtime", Some("  runtime: w1"), 5_000),
+    ("routes", Some("  routes: c1, w1"), 1_000),
+    ("runtime", Some("  runtime: w1"), 1_500),
 ];
 
 fn scenario(tmp: &Path) -> PathBuf {
