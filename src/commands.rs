@@ -201,7 +201,7 @@ fn cmd_create(path: &Path, range: Range, connect: &str, state_dir: &Path) -> Res
         state_dir: state_dir.clone(),
         catalog_roots: scenario::Sources::for_scenario(path).roots,
     };
-    let runner = Runner::new(actions::phases::actions(&plan, &opts)).inject_fault(fault);
+    let runner = Runner::new(actions::phases::actions(&plan, &opts)).inject(fault);
     let plan_sha = sha256_hex(&plan_identity(&plan));
     let mut journal = Journal::open(&plan.paths.journal, &plan.lab, &plan_sha).map_err(|e| {
         Error::with_source(

@@ -4,30 +4,33 @@
 //!
 //! One small lab (one controller, one worker, 512 MiB each). For every phase P from
 //! `network` to `runtime`, in pipeline order:
-//! - **kill**: `create` runs until the progress output shows `==> P`, and after a
-//!   short delay the test sends it a real SIGKILL; the journal must show P still
-//!   `running` (the kill landed inside the phase);
+//! - **kill**: a real SIGKILL inside P. For the phases that last seconds (wait-ssh,
+//!   etcd, routes, runtime) the test sends it while `create` runs, a short delay after
+//!   the progress output shows `==> P`; the phases that last milliseconds kill
+//!   themselves through the hook `KTHW_LAB_INJECT_FAULT=P:kill` right after their
+//!   work (a timer cannot hit them reliably). Either way the journal must show P
+//!   still `running`;
 //! - **failing step**: `create` with the test hook `KTHW_LAB_INJECT_FAULT=P`, which
 //!   fails P after its work is done and before the journal records it. This run must
 //!   first converge through everything the kill left half-done: every phase before P
 //!   is journaled `done` again.
 //!
-//! The next kill run in turn converges from the injected fault. The lab's identity
-//! (saved plan, SSH user and host keys, every certificate and key, kubeconfigs,
-//! encryption config, the domains' MACs and UUIDs) is fingerprinted after every
-//! fault and must never change. At the end a plain `create` converges, `status`,
-//! `certs check` and a pinned-key SSH login work.
+//! The lab's identity (saved plan, SSH user and host keys, every certificate and key,
+//! kubeconfigs, encryption config, the domains' MACs and UUIDs) is fingerprinted after
+//! the kill and after the failing step, and must not change between them.
 //!
-//! `destroy` after a fault, with the residue check of `support::lab` (domains,
-//! volumes, links, taps, addresses, routes, nft table, balancer and qemu processes,
-//! state dir): after the injected fault in `network` (before anything else exists),
-//! after the kill in `domains` (qemu processes mid-boot, taps), and at the end after
-//! a kill in `etcd` (booted VMs, a running balancer, SSH sessions in flight).
+//! `destroy`, with the residue check of `support::lab` (domains, volumes, links, taps,
+//! addresses, routes, nft table, balancer and qemu processes, state dir), runs after
+//! the faults of every phase: after the injected fault in `network` before anything
+//! else exists, right after the kill in `domains` (qemu processes mid-boot, taps),
+//! after the failing step of every phase up to `routes` (each P's lab is then built
+//! again from an empty host by the next kill run), and at the end, after the
+//! converging create, right after a kill in `etcd` (booted VMs, a running balancer,
+//! SSH sessions in flight). At the end a plain `create` converges from the fault in
+//! `runtime`, and `status`, `certs check` and a pinned-key SSH login work.
 //!
-//! The order keeps it lean: the faults walk forward over one lab, so the VMs boot
-//! fully once (those started by the killed `domains` run are destroyed within a
-//! second); every later run re-checks the earlier phases of the booted lab. About
-//! 5-7 minutes on a 2-core TCG host shared with other VM work.
+//! The VMs boot once for every phase from `wait-ssh` on (about 20 s each for two
+//! 512 MiB nodes with the offline image's lean first boot, more under load).
 
 mod support;
 
@@ -51,24 +54,28 @@ use support::text;
 const LAB: &str = "flt";
 const UNTIL: &str = "runtime";
 
-/// Every phase that can run here, and where the kill comes: after `==> PHASE` and,
-/// when given, a later line of the phase's own output, plus a delay. Chosen (from
-/// measured runs on a TCG host with 2 busy cores) to land inside the phase's first
-/// real run, mid-work where the phase lasts long enough: pki issues 11 certificates
-/// in ~0.3 s, the balancer is spawned and then watched for 0.3 s; routes and runtime
-/// are killed shortly after their per-node line, once their SSH work started (their
-/// first run takes 3-10 s of it on a quiet host, more under load).
-const KILLS: [(&str, Option<&str>, u64); 10] = [
-    ("network", None, 20),
-    ("image", None, 0),
-    ("disks", None, 100),
-    ("domains", None, 200),
-    ("wait-ssh", None, 10_000),
-    ("pki", None, 120),
-    ("lb", None, 150),
-    ("etcd", None, 2_000),
-    ("routes", Some("  routes: c1, w1"), 1_000),
-    ("runtime", Some("  runtime: w1"), 1_500),
+/// Every phase that can run here, and how its SIGKILL lands inside it:
+/// - `None`: the phases that last milliseconds (network, image, disks, domains' define
+///   and start, pki's 11 certificates, lb's spawn) cannot be hit reliably by a timer
+///   (on a fast run `disks` took 84 ms), so the run kills itself with SIGKILL through
+///   the hook `KTHW_LAB_INJECT_FAULT=PHASE:kill`, right after the phase's work and
+///   before the journal records it: the worst moment, every time;
+/// - `Some((line, ms))`: the test sends the SIGKILL `ms` after the progress output
+///   shows `==> PHASE` and then `line` (when given), while the phase waits on the VMs
+///   (wait-ssh: seconds of boot left; etcd, routes, runtime: their SSH work started,
+///   which takes 3-10 s on a quiet host and more under load).
+type KillPoint = (&'static str, Option<(Option<&'static str>, u64)>);
+const KILLS: [KillPoint; 10] = [
+    ("network", None),
+    ("image", None),
+    ("disks", None),
+    ("domains", None),
+    ("wait-ssh", Some((None, 10_000))),
+    ("pki", None),
+    ("lb", None),
+    ("etcd", Some((None, 2_000))),
+    ("routes", Some((Some("  routes: c1, w1"), 1_000))),
+    ("runtime", Some((Some("  runtime: w1"), 1_500))),
 ];
 
 fn scenario(tmp: &Path) -> PathBuf {
@@ -132,10 +139,26 @@ fn fail_at(state: &Path, f: &str, phase: &str) -> f64 {
     secs
 }
 
-/// `create`, SIGKILLed `delay_ms` after it announces `phase`; the journal proves the
-/// kill landed inside the phase.
-fn kill_at(state: &Path, f: &str, phase: &str, then: Option<&str>, delay_ms: u64) -> f64 {
+/// `create`, SIGKILLed inside `phase` (see [`KILLS`]); the journal proves the kill
+/// landed inside the phase.
+fn kill_at(state: &Path, f: &str, phase: &str, timer: Option<(Option<&str>, u64)>) -> f64 {
     let t = Instant::now();
+    let Some((then, delay_ms)) = timer else {
+        let o = kthw_env(
+            state,
+            &["create", f, "--until", UNTIL],
+            &[("KTHW_LAB_INJECT_FAULT", &format!("{phase}:kill"))],
+        );
+        eprintln!("--- killed itself (SIGKILL) after the work of {phase}");
+        assert_eq!(o.status.signal(), Some(libc::SIGKILL), "{}", o.status);
+        assert_eq!(
+            phase_state(state, phase).as_deref(),
+            Some("running"),
+            "the kill did not land inside {phase}: {}",
+            journal(state)
+        );
+        return t.elapsed().as_secs_f64();
+    };
     let mut child = kthw_cmd(state, &["create", f, "--until", UNTIL])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -271,11 +294,14 @@ fn faults_at_every_phase_converge_and_destroy_leaves_nothing() {
     timings.push(format!("destroy after fail network {s:.1} s"));
 
     let mut id = Identity::default();
-    for (phase, then, delay) in KILLS {
-        let s = kill_at(&state, f, phase, then, delay);
+    for (i, (phase, timer)) in KILLS.into_iter().enumerate() {
+        // From an empty host (after the destroy below), create runs up to the phase
+        // and is killed inside it.
+        let s = kill_at(&state, f, phase, timer);
         timings.push(format!("kill {phase} {s:.1} s"));
         if phase == "domains" {
-            // qemu mid-boot, taps on the bridge, domains defined: all must go.
+            // Right after a kill too: qemu mid-boot, taps on the bridge, domains
+            // defined: all must go.
             let s = destroy_leaves_nothing(&state, &plan);
             timings.push(format!("destroy after kill domains {s:.1} s"));
             id = Identity::default();
@@ -285,6 +311,13 @@ fn faults_at_every_phase_converge_and_destroy_leaves_nothing() {
         let s = fail_at(&state, f, phase);
         timings.push(format!("fail {phase} {s:.1} s"));
         id.absorb(identity(&state, &plan), &format!("fault in {phase}"));
+        if i + 1 < KILLS.len() {
+            // Destroy after the faults of every phase (the last one's lab goes on to
+            // the converging create, and is destroyed after a final kill).
+            let s = destroy_leaves_nothing(&state, &plan);
+            timings.push(format!("destroy after faults in {phase} {s:.1} s"));
+            id = Identity::default();
+        }
     }
 
     // A plain run converges; the lab is the same lab and it works.
@@ -325,7 +358,7 @@ fn faults_at_every_phase_converge_and_destroy_leaves_nothing() {
     }
 
     // A kill after boot (balancer running, SSH sessions open), then destroy.
-    let s = kill_at(&state, f, "etcd", None, 500);
+    let s = kill_at(&state, f, "etcd", Some((None, 500)));
     timings.push(format!("kill etcd (post-boot) {s:.1} s"));
     let s = destroy_leaves_nothing(&state, &plan);
     timings.push(format!("destroy after kill etcd {s:.1} s"));

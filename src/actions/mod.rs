@@ -139,15 +139,26 @@ pub struct RunManifest {
 pub struct Runner {
     actions: Vec<Box<dyn Action>>,
     fault: Option<Phase>,
+    kill: Option<Phase>,
 }
 
 /// The test hook's environment variable: `KTHW_LAB_INJECT_FAULT=PHASE` makes that
-/// phase fail right after its action succeeded, before the journal records it done.
+/// phase fail right after its action succeeded, before the journal records it done;
+/// `PHASE:kill` makes the process SIGKILL itself at that very point instead (a crash
+/// at the worst moment, deterministic even for phases that last milliseconds).
 pub const INJECT_FAULT_ENV: &str = "KTHW_LAB_INJECT_FAULT";
 
-/// The phase named by `KTHW_LAB_INJECT_FAULT`, if set; an unknown name is a usage
+/// What `KTHW_LAB_INJECT_FAULT` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InjectedFault {
+    pub phase: Phase,
+    /// SIGKILL instead of an error.
+    pub kill: bool,
+}
+
+/// The fault named by `KTHW_LAB_INJECT_FAULT`, if set; an unknown name is a usage
 /// error (a typo must not silently test nothing).
-pub fn injected_fault_from_env() -> Result<Option<Phase>> {
+pub fn injected_fault_from_env() -> Result<Option<InjectedFault>> {
     let Some(v) = std::env::var_os(INJECT_FAULT_ENV) else {
         return Ok(None);
     };
@@ -155,13 +166,17 @@ pub fn injected_fault_from_env() -> Result<Option<Phase>> {
     if v.is_empty() {
         return Ok(None);
     }
+    let (name, kill) = match v.strip_suffix(":kill") {
+        Some(name) => (name, true),
+        None => (&*v, false),
+    };
     Phase::ALL
         .into_iter()
-        .find(|p| p.name() == v)
-        .map(Some)
+        .find(|p| p.name() == name)
+        .map(|phase| Some(InjectedFault { phase, kill }))
         .ok_or_else(|| Error::Usage {
             what: format!("{INJECT_FAULT_ENV}={v} names no phase"),
-            hint: format!("phases: {}", phase_list()),
+            hint: format!("phases: {} (add `:kill` for a SIGKILL)", phase_list()),
         })
 }
 
@@ -170,6 +185,19 @@ impl Runner {
         Runner {
             actions,
             fault: None,
+            kill: None,
+        }
+    }
+
+    /// The hook of [`INJECT_FAULT_ENV`]: an error or a SIGKILL after `f.phase`'s work.
+    pub fn inject(self, f: Option<InjectedFault>) -> Runner {
+        match f {
+            Some(InjectedFault { phase, kill: true }) => Runner {
+                kill: Some(phase),
+                ..self
+            },
+            Some(InjectedFault { phase, kill: false }) => self.inject_fault(Some(phase)),
+            None => self,
         }
     }
 
@@ -275,7 +303,12 @@ impl Runner {
             cx.progress
                 .println(&format!("==> {phase}: {}", phase.describe()));
             let t0 = Instant::now();
-            let r = match action.run(cx) {
+            let r = action.run(cx);
+            if r.is_ok() && self.kill == Some(phase) {
+                // SAFETY: kill(2) on this very process; nothing runs after it.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            }
+            let r = match r {
                 Ok(()) if self.fault == Some(phase) => Err(Error::InjectedFault {
                     phase: phase.name().into(),
                 }),
