@@ -364,3 +364,28 @@ fn an_injected_fault_fails_the_phase_after_its_work_and_the_next_run_converges()
     .unwrap();
     assert!(FIRST5.iter().all(|ph| j2.is_done(*ph)));
 }
+
+#[test]
+fn the_fault_hook_names_a_phase_and_optionally_a_kill() {
+    use kthw_lab::actions::{parse_injected_fault, InjectedFault};
+    assert_eq!(parse_injected_fault("").unwrap(), None);
+    assert_eq!(
+        parse_injected_fault("disks").unwrap(),
+        Some(InjectedFault {
+            phase: Phase::Disks,
+            kill: false
+        })
+    );
+    assert_eq!(
+        parse_injected_fault("wait-ssh:kill").unwrap(),
+        Some(InjectedFault {
+            phase: Phase::WaitSsh,
+            kill: true
+        })
+    );
+    for bad in ["disk", "disks:crash", ":kill", "kill"] {
+        let e = parse_injected_fault(bad).unwrap_err();
+        assert_eq!(e.exit_code(), 2, "{bad}");
+        assert!(e.to_string().contains(bad), "{bad}: {e}");
+    }
+}

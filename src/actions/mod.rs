@@ -162,13 +162,17 @@ pub fn injected_fault_from_env() -> Result<Option<InjectedFault>> {
     let Some(v) = std::env::var_os(INJECT_FAULT_ENV) else {
         return Ok(None);
     };
-    let v = v.to_string_lossy();
+    parse_injected_fault(&v.to_string_lossy())
+}
+
+/// The value of `KTHW_LAB_INJECT_FAULT`: `PHASE` or `PHASE:kill`; empty is none.
+pub fn parse_injected_fault(v: &str) -> Result<Option<InjectedFault>> {
     if v.is_empty() {
         return Ok(None);
     }
     let (name, kill) = match v.strip_suffix(":kill") {
         Some(name) => (name, true),
-        None => (&*v, false),
+        None => (v, false),
     };
     Phase::ALL
         .into_iter()
