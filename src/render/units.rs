@@ -516,7 +516,7 @@ pub fn pod_routes_service(plan: &LabPlan, node: &NodePlan, os: &NodeOs) -> Strin
         exec.push_str("# no other worker\nExecStart=/usr/bin/true\n");
     }
     format!(
-        "[Unit]\nDescription=kthw-lab host-gw routes to the other workers' pod ranges\nAfter=network-online.target\nWants=network-online.target\n\n[Service]\nType=oneshot\nRemainAfterExit=yes\n{exec}\n[Install]\nWantedBy=multi-user.target\n"
+        "[Unit]\nDescription=kthw-lab host-gw routes to the other workers' pod ranges\nAfter=network-online.target systemd-networkd.service\nWants=network-online.target\nStartLimitIntervalSec=0\n\n[Service]\nType=oneshot\nRemainAfterExit=yes\n# At boot the gateway may not be reachable yet (eth0 without its address): retry.\nRestart=on-failure\nRestartSec=1\n{exec}\n[Install]\nWantedBy=multi-user.target\n"
     )
 }
 
