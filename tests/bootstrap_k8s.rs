@@ -36,18 +36,7 @@ fn plan_of(file: &str) -> LabPlan {
 /// The PKI files the runner hands the phases (sources need not exist for building
 /// commands).
 fn files(p: &LabPlan) -> Vec<FileCopy> {
-    kthw_lab::pki::distribution(p)
-        .into_iter()
-        .flat_map(|nf| {
-            let node = nf.node;
-            nf.files.into_iter().map(move |f| FileCopy {
-                node: node.clone(),
-                local: f.source,
-                remote: f.dest,
-                mode: f.mode,
-            })
-        })
-        .collect()
+    kthw_lab::actions::bootstrap::file_copies(p)
 }
 
 fn docs(yaml: &str) -> Vec<serde_json::Value> {

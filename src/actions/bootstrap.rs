@@ -42,6 +42,22 @@ pub struct FileCopy {
     pub mode: u32,
 }
 
+/// Every PKI file of the lab as the phases copy it: the plan's distribution flattened.
+pub fn file_copies(plan: &crate::plan::LabPlan) -> Vec<FileCopy> {
+    crate::pki::distribution(plan)
+        .into_iter()
+        .flat_map(|nf| {
+            let node = nf.node;
+            nf.files.into_iter().map(move |f| FileCopy {
+                node: node.clone(),
+                local: f.source,
+                remote: f.dest,
+                mode: f.mode,
+            })
+        })
+        .collect()
+}
+
 impl From<(String, PathBuf, String, u32)> for FileCopy {
     fn from((node, local, remote, mode): (String, PathBuf, String, u32)) -> Self {
         FileCopy {
@@ -738,13 +754,14 @@ pub fn ensure_runtime<R: Remote + ?Sized>(
     require_cached(b, &["containerd", "runc", "cni-plugins"])?;
     // crictl is a debugging client, not needed to run pods: installed when cached.
     let from_image: Vec<&str> = b.from_image.iter().map(String::as_str).collect();
-    let with_crictl = !missing_components(b.catalog, b.plan, &b.cache_dir, &from_image)
+    let missing = missing_components(b.catalog, b.plan, &b.cache_dir, &from_image);
+    let absent: Vec<&str> = OPTIONAL_COMPONENTS
         .iter()
-        .any(|m| m.component == "crictl");
+        .copied()
+        .filter(|c| missing.iter().any(|m| m.component == *c))
+        .collect();
     let mut components = vec!["runc", "cni-plugins", "containerd"];
-    if with_crictl {
-        components.push("crictl");
-    }
+    components.extend(OPTIONAL_COMPONENTS.iter().filter(|c| !absent.contains(c)));
     let workers = node_names(b.plan, Some(Role::Worker));
     let mut report = collect(par(remote, &workers, |r, name| {
         let node = b.plan.node(name).expect("planned node");
@@ -779,10 +796,10 @@ pub fn ensure_runtime<R: Remote + ?Sized>(
         }
         Ok(changed)
     }))?;
-    if !with_crictl {
-        report.notes.push(
-            "crictl is not in the cache, so it was not installed (`kthw-lab cache import DIR` adds it)".into(),
-        );
+    for c in absent {
+        report.notes.push(format!(
+            "{c} is not in the cache, so it was not installed (`kthw-lab cache import DIR` adds it)"
+        ));
     }
     Ok(report)
 }

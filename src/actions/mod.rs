@@ -138,8 +138,7 @@ pub struct RunManifest {
 
 pub struct Runner {
     actions: Vec<Box<dyn Action>>,
-    fault: Option<Phase>,
-    kill: Option<Phase>,
+    fault: Option<InjectedFault>,
 }
 
 /// The test hook's environment variable: `KTHW_LAB_INJECT_FAULT=PHASE` makes that
@@ -189,28 +188,20 @@ impl Runner {
         Runner {
             actions,
             fault: None,
-            kill: None,
         }
     }
 
     /// The hook of [`INJECT_FAULT_ENV`]: an error or a SIGKILL after `f.phase`'s work.
-    pub fn inject(self, f: Option<InjectedFault>) -> Runner {
-        match f {
-            Some(InjectedFault { phase, kill: true }) => Runner {
-                kill: Some(phase),
-                ..self
-            },
-            Some(InjectedFault { phase, kill: false }) => self.inject_fault(Some(phase)),
-            None => self,
-        }
+    pub fn inject(mut self, f: Option<InjectedFault>) -> Runner {
+        self.fault = f;
+        self
     }
 
     /// Test hook: make `phase` fail after its action has done its work (every side
     /// effect happened) but before the journal records it done, as a crash or an
     /// error at the worst moment would.
-    pub fn inject_fault(mut self, phase: Option<Phase>) -> Runner {
-        self.fault = phase;
-        self
+    pub fn inject_fault(self, phase: Option<Phase>) -> Runner {
+        self.inject(phase.map(|phase| InjectedFault { phase, kill: false }))
     }
 
     /// The phases this build can run.
@@ -307,16 +298,28 @@ impl Runner {
             cx.progress
                 .println(&format!("==> {phase}: {}", phase.describe()));
             let t0 = Instant::now();
-            let r = action.run(cx);
-            if r.is_ok() && self.kill == Some(phase) {
-                // SAFETY: kill(2) on this very process; nothing runs after it.
-                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
-            }
-            let r = match r {
-                Ok(()) if self.fault == Some(phase) => Err(Error::InjectedFault {
+            let r = match (action.run(cx), self.fault) {
+                (
+                    Ok(()),
+                    Some(InjectedFault {
+                        phase: p,
+                        kill: true,
+                    }),
+                ) if p == phase => {
+                    // SAFETY: kill(2) on this very process; nothing runs after it.
+                    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                    unreachable!("SIGKILL cannot be caught")
+                }
+                (
+                    Ok(()),
+                    Some(InjectedFault {
+                        phase: p,
+                        kill: false,
+                    }),
+                ) if p == phase => Err(Error::InjectedFault {
                     phase: phase.name().into(),
                 }),
-                r => r,
+                (r, _) => r,
             };
             let seconds = t0.elapsed().as_secs_f64();
             let state = match &r {

@@ -769,25 +769,14 @@ impl Action for BootstrapPhase {
     }
 
     fn run(&self, cx: &RunCtx) -> Result<()> {
-        use crate::actions::bootstrap::{self, Bootstrap, FileCopy};
+        use crate::actions::bootstrap::{self, Bootstrap};
         let catalog = crate::components::ComponentCatalog::builtin().map_err(|e| Error::Other {
             what: format!("the component catalog is invalid: {e}"),
             hint: None,
             source: None,
         })?;
         let from_image: Vec<&str> = cx.plan.from_image.iter().map(String::as_str).collect();
-        let files: Vec<FileCopy> = crate::pki::distribution(cx.plan)
-            .into_iter()
-            .flat_map(|nf| {
-                let node = nf.node;
-                nf.files.into_iter().map(move |f| FileCopy {
-                    node: node.clone(),
-                    local: f.source,
-                    remote: f.dest,
-                    mode: f.mode,
-                })
-            })
-            .collect();
+        let files = bootstrap::file_copies(cx.plan);
         let mut b = Bootstrap::new(
             cx.plan,
             &catalog,

@@ -91,6 +91,15 @@ pub fn render_etc_hosts(plan: &LabPlan) -> String {
     out
 }
 
+/// `/etc/resolv.conf` of every node: the lab's DNS servers.
+pub fn render_resolv_conf(plan: &LabPlan) -> String {
+    plan.network
+        .dns
+        .iter()
+        .map(|d| format!("nameserver {d}\n"))
+        .collect()
+}
+
 /// `network-config`, version 2: the planned static address on the NIC with the planned MAC.
 /// The interface is named `eth0` (`set-name`; the kernel also gets `net.ifnames=0`).
 pub fn render_network_config(plan: &LabPlan, node: &NodePlan) -> String {
@@ -120,12 +129,7 @@ pub fn render_network_config(plan: &LabPlan, node: &NodePlan) -> String {
 /// `/etc/hosts`, and nothing cloud-init does not need to do.
 pub fn render_user_data(plan: &LabPlan, node: &NodePlan, keys: &SeedKeys) -> String {
     let hosts = render_etc_hosts(plan);
-    let resolv: String = plan
-        .network
-        .dns
-        .iter()
-        .map(|d| format!("nameserver {d}\n"))
-        .collect();
+    let resolv = render_resolv_conf(plan);
     let mut y = String::from("#cloud-config\n");
     y.push_str(&format!("hostname: {}\n", q(&node.name)));
     y.push_str("preserve_hostname: false\n");
@@ -206,12 +210,7 @@ pub fn render_kthw_files(
     node: &NodePlan,
     keys: &SeedKeys,
 ) -> Vec<(&'static str, String)> {
-    let resolv: String = plan
-        .network
-        .dns
-        .iter()
-        .map(|d| format!("nameserver {d}\n"))
-        .collect();
+    let resolv = render_resolv_conf(plan);
     let line = |s: &str| format!("{}\n", s.trim());
     vec![
         ("hostname", line(&node.name)),
