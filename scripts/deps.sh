@@ -28,12 +28,16 @@ if [[ " $* " == *" test "* ]] && ! command -v kubectl >/dev/null 2>&1; then
   want+=(kubernetes-client)
 fi
 
-missing=()
-for p in "${want[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
-    missing+=("$p")
-  fi
-done
+not_installed() {
+  local p
+  for p in "$@"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+      echo "$p"
+    fi
+  done
+}
+
+mapfile -t missing < <(not_installed "${want[@]}")
 if [[ ${#missing[@]} -eq 0 ]]; then
   exit 0
 fi
@@ -45,3 +49,17 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# apt may resolve a conflict by removing a package we want that was installed from
+# elsewhere (a backported qemu-utils goes when Debian 12's qemu-system-x86 comes in):
+# check the whole list again and put back what went.
+mapfile -t gone < <(not_installed "${want[@]}")
+if [[ ${#gone[@]} -gt 0 ]]; then
+  echo "deps.sh: installing again what apt removed: ${gone[*]}" >&2
+  apt-get install -y -qq --no-install-recommends "${gone[@]}" >/dev/null
+  mapfile -t gone < <(not_installed "${want[@]}")
+  if [[ ${#gone[@]} -gt 0 ]]; then
+    echo "deps.sh: still not installed: ${gone[*]}" >&2
+    echo "hint: run 'apt-get install ${gone[*]}' and read why apt refuses" >&2
+    exit 1
+  fi
+fi
