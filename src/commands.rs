@@ -772,9 +772,12 @@ fn cmd_start(lab: &str, connect: &str, state_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `reset LAB`: the VMs back to their freshly booted state. Overlays are made anew
-/// on the cached base (no image copy) and the same seeds, keys and certificates are
-/// used; phases after `wait-ssh` must run again (`create` does that).
+/// `reset LAB`: the VMs back to their freshly booted state. Each node goes back to
+/// the state saved right after its first boot reached SSH (memory and disk, in its
+/// overlay), and its clock is set; a node without one (a lab made by an older
+/// version, say) boots again from a new overlay on the cached base. Either way the
+/// same seeds, keys and certificates are used; phases after `wait-ssh` must run
+/// again (`create` does that).
 fn cmd_reset(lab: &str, connect: &str, state_dir: &Path) -> Result<()> {
     let plan = saved_plan(state_dir, lab)?;
     let Some(mut journal) = read_journal(&plan) else {
@@ -787,9 +790,26 @@ fn cmd_reset(lab: &str, connect: &str, state_dir: &Path) -> Result<()> {
     let opts = phase_options(connect, state_dir);
     let progress = Progress::new();
     let t0 = std::time::Instant::now();
-    let removed = actions::phases::remove_domains(&plan, connect)?;
-    progress.println(&format!("removed {}", removed.join(", ")));
-    journal.invalidate_from(actions::Phase::Disks);
+    let reverted = match actions::phases::revert_to_fresh_states(&plan, connect, &progress) {
+        Ok(true) => true,
+        Ok(false) => {
+            progress.println("not every node has a saved fresh state: booting them again");
+            false
+        }
+        Err(e) => {
+            progress.println(&format!(
+                "going back to the saved fresh state failed ({e}): booting the nodes again"
+            ));
+            false
+        }
+    };
+    if reverted {
+        journal.invalidate_from(actions::Phase::FIRST_ON_GUESTS);
+    } else {
+        let removed = actions::phases::remove_domains(&plan, connect)?;
+        progress.println(&format!("removed {}", removed.join(", ")));
+        journal.invalidate_from(actions::Phase::Disks);
+    }
     journal
         .save_to(&plan.paths.journal)
         .map_err(|e| Error::with_source("cannot write the journal", e))?;
@@ -805,9 +825,17 @@ fn cmd_reset(lab: &str, connect: &str, state_dir: &Path) -> Result<()> {
     );
     eprint!("\n{}", actions::render_timings(&timings));
     result?;
+    if reverted {
+        actions::phases::sync_clocks(&plan)?;
+    }
     eprintln!(
-        "lab `{lab}` reset in {:.1} s: fresh VMs, same keys and certificates; run `kthw-lab create SCENARIO` to bootstrap them again",
-        t0.elapsed().as_secs_f64()
+        "lab `{lab}` reset in {:.1} s ({}): same keys and certificates; run `kthw-lab create SCENARIO` to bootstrap it again",
+        t0.elapsed().as_secs_f64(),
+        if reverted {
+            "every node back to its saved fresh state"
+        } else {
+            "fresh VMs booted"
+        },
     );
     Ok(())
 }

@@ -238,6 +238,27 @@ fn hypervisor_on_the_test_driver() {
     assert_eq!(hv.state("tdrv-m1").unwrap(), Some(DomainState::Running));
     assert_eq!(hv.state("no-such-domain").unwrap(), None);
 
+    // The fresh-state snapshot: none at first, then the one taken (a second take
+    // replaces it), and a revert to it works. remove_lab below must undefine a domain
+    // that has one.
+    assert_eq!(hv.fresh_snapshot("tdrv-m1").unwrap(), None);
+    assert_eq!(hv.fresh_snapshot("no-such-domain").unwrap(), None);
+    hv.take_fresh_snapshot("tdrv-m1", "first & <old>").unwrap();
+    assert_eq!(
+        hv.fresh_snapshot("tdrv-m1").unwrap().as_deref(),
+        Some("first & <old>")
+    );
+    let desc = kthw_lab::host::libvirt::fresh_description(&found[0].marker.digest);
+    hv.take_fresh_snapshot("tdrv-m1", &desc).unwrap();
+    assert_eq!(hv.fresh_snapshot("tdrv-m1").unwrap(), Some(desc));
+    hv.revert_to_fresh("tdrv-m1").unwrap();
+    assert_eq!(hv.state("tdrv-m1").unwrap(), Some(DomainState::Running));
+    let err = hv.revert_to_fresh("tdrv-n1").unwrap_err();
+    assert!(
+        err.to_string().contains("no snapshot `kthw-fresh`"),
+        "{err}"
+    );
+
     // A domain of that name owned by another lab is not touched.
     let mut clash = other.clone();
     clash.nodes[0].domain = "tdrv-m1".into();

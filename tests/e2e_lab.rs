@@ -217,11 +217,28 @@ fn create_until_runtime_converges_and_destroy_leaves_nothing() {
         "routes survive a reboot: {r}"
     );
 
-    // reset: fresh VMs from new overlays, same keys (the pinned login still works).
+    // reset: every node back to the state saved after its first boot (no new boot),
+    // same keys (the pinned login still works), its clock set again (the state is
+    // minutes old by now).
     let t4 = std::time::Instant::now();
     let o = kthw(&state, &["reset", "e2e"]);
     assert!(o.status.success());
     println!("reset took {:.1} s", t4.elapsed().as_secs_f64());
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("every node back to its saved fresh state"),
+        "{err}"
+    );
+    let guest: f64 = ssh(&state, "w2", "date +%s.%N").trim().parse().unwrap();
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (host - guest).abs() < 10.0,
+        "w2's clock is {:.1} s off after reset",
+        host - guest
+    );
     assert_eq!(ssh(&state, "c1", "hostname").trim(), "c1");
     let etcd = ssh(&state, "c1", "systemctl is-active etcd || true");
     assert!(
@@ -234,6 +251,15 @@ fn create_until_runtime_converges_and_destroy_leaves_nothing() {
         "test -e /etc/etcd/ca.pem && echo yes || echo no"
     )
     .contains("no"));
+    // The nodes bootstrap again from there: etcd forms its cluster anew.
+    let o = kthw(&state, &["create", f, "--until", "etcd"]);
+    assert!(o.status.success(), "create after reset failed");
+    let health = ssh(
+        &state,
+        "c2",
+        "sudo etcdctl --endpoints=https://10.240.1.10:2379,https://10.240.1.11:2379 --cacert=/etc/etcd/ca.pem --cert=/etc/etcd/etcd-c2.pem --key=/etc/etcd/etcd-c2-key.pem endpoint health 2>&1",
+    );
+    assert_eq!(health.matches("is healthy").count(), 2, "{health}");
 
     // Destroy, then prove nothing is left on the real system.
     let plan = plan_json(&state, f);

@@ -389,3 +389,48 @@ fn the_fault_hook_names_a_phase_and_optionally_a_kill() {
         assert!(e.to_string().contains(bad), "{bad}: {e}");
     }
 }
+
+#[test]
+fn guests_count_as_fresh_until_a_phase_that_changes_them_has_run() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let p = lab_plan(dir.path());
+    let log = Log::default();
+    let all = [
+        Phase::Network,
+        Phase::Image,
+        Phase::Disks,
+        Phase::Domains,
+        Phase::WaitSsh,
+        Phase::Pki,
+        Phase::Lb,
+        Phase::Etcd,
+    ];
+    let r = runner(&all, &log, None, None);
+    let mut j = Journal::open(&p.paths.journal, &p.lab, "h1").unwrap();
+    let until = |u| Range {
+        from: None,
+        until: Some(u),
+    };
+    // Only the runner knows: a context it has not run with says "not fresh".
+    let cx = RunCtx::new(&p, Progress::capturing(), Cancel::new());
+    assert!(!cx.guests_fresh.load(Ordering::SeqCst));
+    // Host-side phases after wait-ssh (pki, lb) leave the guests fresh.
+    r.run(&cx, &mut j, until(Phase::Lb)).1.unwrap();
+    assert!(cx.guests_fresh.load(Ordering::SeqCst));
+    let cx = RunCtx::new(&p, Progress::capturing(), Cancel::new());
+    r.run(&cx, &mut j, until(Phase::Etcd)).1.unwrap();
+    assert!(
+        cx.guests_fresh.load(Ordering::SeqCst),
+        "etcd ran in this run, after wait-ssh"
+    );
+    // The next run finds etcd in the journal: the nodes have been changed.
+    let cx = RunCtx::new(&p, Progress::capturing(), Cancel::new());
+    r.run(&cx, &mut j, until(Phase::WaitSsh)).1.unwrap();
+    assert!(!cx.guests_fresh.load(Ordering::SeqCst));
+    // What `reset` does after going back to the saved state: forget etcd.
+    j.invalidate_from(Phase::FIRST_ON_GUESTS);
+    let cx = RunCtx::new(&p, Progress::capturing(), Cancel::new());
+    r.run(&cx, &mut j, until(Phase::WaitSsh)).1.unwrap();
+    assert!(cx.guests_fresh.load(Ordering::SeqCst));
+}

@@ -59,6 +59,10 @@ pub struct RunCtx<'a> {
     pub cancel: Cancel,
     /// Facts for the run manifest (e.g. the image digest), keyed by name.
     pub notes: Mutex<BTreeMap<String, String>>,
+    /// Set by the runner from the journal: no phase from [`Phase::FIRST_ON_GUESTS`] on
+    /// has run on these nodes, so they are as freshly booted (and `wait-ssh` may save
+    /// that state for `reset`). False unless the runner knows.
+    pub guests_fresh: std::sync::atomic::AtomicBool,
 }
 
 impl<'a> RunCtx<'a> {
@@ -68,6 +72,7 @@ impl<'a> RunCtx<'a> {
             progress,
             cancel,
             notes: Mutex::new(BTreeMap::new()),
+            guests_fresh: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -219,6 +224,12 @@ impl Runner {
         range: Range,
     ) -> (Vec<PhaseTiming>, Result<()>) {
         let mut timings = Vec::new();
+        let fresh = !journal
+            .phases
+            .iter()
+            .any(|r| r.phase >= Phase::FIRST_ON_GUESTS);
+        cx.guests_fresh
+            .store(fresh, std::sync::atomic::Ordering::SeqCst);
         let result = self.run_inner(cx, journal, range, &mut timings);
         (timings, result)
     }

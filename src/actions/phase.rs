@@ -38,6 +38,10 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// The first phase that changes the guests (the ones before only boot them or
+    /// work on the host): until it has run, the nodes are as freshly booted.
+    pub const FIRST_ON_GUESTS: Phase = Phase::Etcd;
+
     pub const ALL: [Phase; 13] = [
         Phase::Network,
         Phase::Image,

@@ -29,7 +29,9 @@ pub fn start_actions(opts: &PhaseOptions, with_lb: bool) -> Vec<Box<dyn Action>>
             net: LinuxNet::new(&opts.state_dir),
         }),
         Box::new(DomainsPhase { opts: opts.clone() }),
-        Box::new(WaitSshPhase),
+        Box::new(WaitSshPhase {
+            connect: opts.connect.clone(),
+        }),
     ];
     if with_lb {
         v.push(Box::new(LbPhase));
@@ -99,7 +101,9 @@ pub fn actions(_plan: &LabPlan, opts: &PhaseOptions) -> Vec<Box<dyn Action>> {
         Box::new(ImagePhase { opts: opts.clone() }),
         Box::new(DisksPhase { opts: opts.clone() }),
         Box::new(DomainsPhase { opts: opts.clone() }),
-        Box::new(WaitSshPhase),
+        Box::new(WaitSshPhase {
+            connect: opts.connect.clone(),
+        }),
         Box::new(PkiPhase),
         Box::new(LbPhase),
         Box::new(BootstrapPhase {
@@ -603,8 +607,146 @@ impl Action for DomainsPhase {
     }
 }
 
-/// Every node accepts a real SSH login with its pinned host key.
-struct WaitSshPhase;
+/// Every node accepts a real SSH login with its pinned host key. Nodes still as
+/// freshly booted get that state saved (see [`save_fresh_states`]).
+struct WaitSshPhase {
+    connect: String,
+}
+
+/// Save every node's freshly booted state as its [`FRESH_SNAPSHOT`] (memory and
+/// disk, inside its overlay), in parallel: `reset` goes back to it in seconds
+/// instead of booting again. Nodes that already have one for their current
+/// definition are left alone. A node whose state cannot be saved only costs a slower
+/// `reset` (it boots again), so that is a warning, not a failure.
+///
+/// [`FRESH_SNAPSHOT`]: crate::host::libvirt::FRESH_SNAPSHOT
+fn save_fresh_states(cx: &RunCtx, connect: &str) -> Result<()> {
+    use crate::host::libvirt::{fresh_description, Hypervisor};
+    let hv = connect_hypervisor(connect)?;
+    let lab = &cx.plan.lab;
+    let domains = hv
+        .list_lab_domains(lab)
+        .map_err(|e| provision(format!("domains of lab `{lab}`"), e.hint(), e))?;
+    let mut todo = Vec::new();
+    for n in &cx.plan.nodes {
+        let Some(d) = domains.iter().find(|d| d.name == n.domain) else {
+            continue;
+        };
+        let want = fresh_description(&d.marker.digest);
+        let have = hv
+            .fresh_snapshot(&n.domain)
+            .map_err(|e| provision(format!("snapshots of {}", n.domain), e.hint(), e))?;
+        if have.as_deref() != Some(want.as_str()) {
+            todo.push((n, want));
+        }
+    }
+    std::thread::scope(|s| {
+        for (n, want) in &todo {
+            let hv = &hv;
+            s.spawn(move || {
+                let line = cx.progress.line(&n.name, "saving its fresh state");
+                let t0 = std::time::Instant::now();
+                match hv.take_fresh_snapshot(&n.domain, want) {
+                    Ok(()) => line.done(&format!(
+                        "fresh state saved for reset in {:.1} s",
+                        t0.elapsed().as_secs_f64()
+                    )),
+                    Err(e) => line.fail(&format!(
+                        "fresh state not saved ({e}); `reset` will boot this node again"
+                    )),
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Put every node back to its freshly booted state (see [`save_fresh_states`]), in
+/// parallel. `Ok(false)` when some node has no such state for its current definition:
+/// nothing was touched, and the caller boots the nodes again instead.
+pub fn revert_to_fresh_states(
+    plan: &LabPlan,
+    connect: &str,
+    progress: &super::Progress,
+) -> Result<bool> {
+    use crate::host::libvirt::{fresh_description, Hypervisor};
+    let hv = connect_hypervisor(connect)?;
+    let domains = hv
+        .list_lab_domains(&plan.lab)
+        .map_err(|e| provision(format!("domains of lab `{}`", plan.lab), e.hint(), e))?;
+    for n in &plan.nodes {
+        let Some(d) = domains.iter().find(|d| d.name == n.domain) else {
+            return Ok(false);
+        };
+        let have = hv
+            .fresh_snapshot(&n.domain)
+            .map_err(|e| provision(format!("snapshots of {}", n.domain), e.hint(), e))?;
+        if have.as_deref() != Some(fresh_description(&d.marker.digest).as_str()) {
+            return Ok(false);
+        }
+    }
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let hs: Vec<_> = plan
+            .nodes
+            .iter()
+            .map(|n| {
+                let hv = &hv;
+                s.spawn(move || {
+                    let line = progress.line(&n.name, "going back to its fresh state");
+                    let t0 = std::time::Instant::now();
+                    match hv.revert_to_fresh(&n.domain) {
+                        Ok(()) => {
+                            line.done(&format!(
+                                "back to its fresh state in {:.1} s",
+                                t0.elapsed().as_secs_f64()
+                            ));
+                            Ok(())
+                        }
+                        Err(e) => {
+                            line.fail(&e.to_string());
+                            Err(provision(
+                                format!("cannot revert {}", n.domain),
+                                e.hint(),
+                                e,
+                            ))
+                        }
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("revert thread"))
+            .collect()
+    });
+    results.into_iter().collect::<Result<Vec<()>>>()?;
+    Ok(true)
+}
+
+/// Set every node's clock to the host's, in parallel: a node put back to a saved
+/// state wakes up with the clock of the moment it was saved.
+pub fn sync_clocks(plan: &LabPlan) -> Result<()> {
+    use crate::remote::Remote;
+    let remote = lab_remote(plan)?;
+    let nodes: Vec<&str> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
+    let results = crate::remote::exec_all(&remote, &nodes, |r, node| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        r.run(
+            node,
+            &format!(
+                "date -u -s @{}.{:09} >/dev/null",
+                now.as_secs(),
+                now.subsec_nanos()
+            ),
+            std::time::Duration::from_secs(30),
+        )
+    });
+    for (node, r) in results {
+        r.map_err(|e| Error::with_source(format!("cannot set the clock of {node}"), e))?;
+    }
+    Ok(())
+}
 
 /// How long to wait for first boot: TCG emulation is slow, and several guests
 /// share the host's cores.
@@ -650,6 +792,9 @@ impl Action for WaitSshPhase {
                     if let Some(l) = lines.remove(&node) {
                         l.done(&format!("ssh login ok after {:.0} s", took.as_secs_f64()));
                     }
+                }
+                if cx.guests_fresh.load(std::sync::atomic::Ordering::SeqCst) {
+                    save_fresh_states(cx, &self.connect)?;
                 }
                 Ok(())
             }

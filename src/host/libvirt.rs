@@ -116,6 +116,24 @@ pub trait Hypervisor: Send + Sync {
     /// Ask the guest to power off (ACPI), and force it off after `grace`; fine when
     /// it is not running. Returns whether the guest went down by itself.
     fn shutdown(&self, name: &str, grace: std::time::Duration) -> Result<bool, HypervisorError>;
+    /// The domain's [`FRESH_SNAPSHOT`]'s description, `None` when it has none (or
+    /// there is no such domain).
+    fn fresh_snapshot(&self, name: &str) -> Result<Option<String>, HypervisorError>;
+    /// Save the running domain's whole state (memory, devices, its qcow2 overlay) as
+    /// [`FRESH_SNAPSHOT`], inside the overlay itself; replaces an older one.
+    fn take_fresh_snapshot(&self, name: &str, description: &str) -> Result<(), HypervisorError>;
+    /// Put the domain back to its [`FRESH_SNAPSHOT`], running.
+    fn revert_to_fresh(&self, name: &str) -> Result<(), HypervisorError>;
+}
+
+/// The internal snapshot a node gets right after its first boot reached SSH, before
+/// any phase changed it: what `reset` goes back to in seconds instead of booting again.
+pub const FRESH_SNAPSHOT: &str = "kthw-fresh";
+
+/// The snapshot's description: it names the domain definition it was taken with, so
+/// a snapshot of an older definition is never reverted to.
+pub fn fresh_description(digest: &str) -> String {
+    format!("kthw-lab: freshly booted node, domain definition {digest}")
 }
 
 /// What a domain XML says about itself.
@@ -377,9 +395,12 @@ impl Hypervisor for Libvirt {
             Err(e) if is_no_domain(&e) => return Ok(()),
             Err(e) => return Err(Self::err("destroy", name)(e)),
         }
+        // Snapshot metadata goes with the domain (the snapshots themselves live in
+        // the overlay, removed with it).
+        let snapshots = virt::sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA;
         let r = d
-            .undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_NVRAM)
-            .or_else(|_| d.undefine());
+            .undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_NVRAM | snapshots)
+            .or_else(|_| d.undefine_flags(snapshots));
         match r {
             Ok(()) => Ok(()),
             Err(e) if is_no_domain(&e) => Ok(()),
@@ -393,6 +414,81 @@ impl Hypervisor for Libvirt {
             Some(d) => Ok(Some(Self::state_of(&d, name)?)),
         }
     }
+
+    fn fresh_snapshot(&self, name: &str) -> Result<Option<String>, HypervisorError> {
+        let Some(d) = self.lookup(name)? else {
+            return Ok(None);
+        };
+        let Some(snap) = Self::fresh_of(&d, name)? else {
+            return Ok(None);
+        };
+        let xml = snap
+            .xml_desc(0)
+            .map_err(Self::err("read snapshot of", name))?;
+        Ok(Some(snapshot_description(&xml).unwrap_or_default()))
+    }
+
+    fn take_fresh_snapshot(&self, name: &str, description: &str) -> Result<(), HypervisorError> {
+        let d = self.lookup(name)?.ok_or_else(|| HypervisorError::Libvirt {
+            op: "snapshot",
+            resource: name.to_string(),
+            message: "no such domain".into(),
+        })?;
+        if let Some(old) = Self::fresh_of(&d, name)? {
+            old.delete(0)
+                .map_err(Self::err("delete the old snapshot of", name))?;
+        }
+        // Memory and disk state internal to the qcow2 overlay; the read-only seed is
+        // left out by libvirt. Atomic: all or nothing.
+        let xml = crate::render::domain::fresh_snapshot_xml(FRESH_SNAPSHOT, description);
+        d.create_snapshot_xml(&xml, virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
+            .map_err(Self::err("snapshot", name))?;
+        Ok(())
+    }
+
+    fn revert_to_fresh(&self, name: &str) -> Result<(), HypervisorError> {
+        let d = self.lookup(name)?.ok_or_else(|| HypervisorError::Libvirt {
+            op: "revert",
+            resource: name.to_string(),
+            message: "no such domain".into(),
+        })?;
+        let snap = Self::fresh_of(&d, name)?.ok_or_else(|| HypervisorError::Libvirt {
+            op: "revert",
+            resource: name.to_string(),
+            message: format!("it has no snapshot `{FRESH_SNAPSHOT}`"),
+        })?;
+        snap.revert(virt::sys::VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
+            .map_err(Self::err("revert", name))
+    }
+}
+
+impl Libvirt {
+    fn fresh_of(
+        d: &Domain,
+        name: &str,
+    ) -> Result<Option<virt::domain_snapshot::DomainSnapshot>, HypervisorError> {
+        match Domain::lookup_snapshot_by_name(d, FRESH_SNAPSHOT, 0) {
+            Ok(s) => Ok(Some(s)),
+            Err(e)
+                if e.code()
+                    == virt::error::ErrorNumberEnum::Known(ErrorNumber::NoDomainSnapshot) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(Self::err("look up the snapshot of", name)(e)),
+        }
+    }
+}
+
+/// The `<description>` of a snapshot XML (pure).
+pub fn snapshot_description(xml: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Snapshot {
+        description: Option<String>,
+    }
+    quick_xml::de::from_str::<Snapshot>(xml)
+        .ok()
+        .and_then(|s| s.description)
 }
 
 /// Start every named domain concurrently. Errors are returned per domain, in order.

@@ -122,6 +122,28 @@ pub fn render_domain(
     write_domain(plan, node, opts, Some(&digest)).map_err(wrap)
 }
 
+/// The snapshot XML of a node's fresh state: memory and disks saved inside the
+/// qcow2 overlay (an internal snapshot: one file per node, removed with it).
+pub fn fresh_snapshot_xml(name: &str, description: &str) -> String {
+    let mut w = Writer::new(Vec::new());
+    let r: io::Result<()> = (|| {
+        w.create_element("domainsnapshot")
+            .write_inner_content(|w| {
+                w.create_element("name")
+                    .write_text_content(BytesText::new(name))?;
+                w.create_element("description")
+                    .write_text_content(BytesText::new(description))?;
+                w.create_element("memory")
+                    .with_attribute(("snapshot", "internal"))
+                    .write_empty()?;
+                Ok(())
+            })?;
+        Ok(())
+    })();
+    r.expect("writing to a Vec cannot fail");
+    String::from_utf8(w.into_inner()).expect("quick-xml writes UTF-8")
+}
+
 /// A stable UUID per lab and node (sha256-derived, RFC 4122 version 4 layout), so a
 /// redefinition keeps the domain's identity: libvirt refuses a same-named domain with
 /// another UUID.
