@@ -5,31 +5,20 @@
 #[path = "boot_fixture.rs"]
 mod fixture;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kthw_lab::host::ssh::{ensure_key, exec, login, wait_for_ssh, KeyPair, SshError, SshTarget};
 
+mod support;
+
+use support::loopback::{free_port, wait_listening, Killed};
+
 struct Sshd {
-    child: Child,
+    _child: Killed,
     addr: SocketAddr,
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// sshd on 127.0.0.1 with `host` as its only host key, accepting `user`'s key for root.
@@ -65,13 +54,12 @@ fn sshd(dir: &Path, host: &KeyPair, user: &KeyPair) -> Option<Sshd> {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let t = Instant::now();
-    while TcpStream::connect(addr).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(10), "sshd did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Some(Sshd { child, addr })
+    let child = Killed(child);
+    wait_listening(port, "sshd");
+    Some(Sshd {
+        _child: child,
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+    })
 }
 
 fn target(addr: SocketAddr, user: &KeyPair, host: &KeyPair, console: PathBuf) -> SshTarget {

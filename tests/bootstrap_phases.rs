@@ -4,10 +4,9 @@
 //! routes, so they only run against the lab's VMs (the lead's end-to-end test).
 
 use std::collections::HashMap;
-use std::io::Read;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kthw_lab::actions::bootstrap::{
@@ -16,9 +15,13 @@ use kthw_lab::actions::bootstrap::{
 };
 use kthw_lab::components::ComponentCatalog;
 use kthw_lab::plan::{plan, LabPlan};
-use kthw_lab::remote::{HostKey, Remote, RemoteError, SshRemote, SshTarget};
+use kthw_lab::remote::{Remote, RemoteError, SshRemote};
 use kthw_lab::render::units::{self, Bins, RenderedFile};
+
+mod support;
+
 use kthw_lab::scenario::{load_str, HostLimits, Sources};
+use support::loopback::{start_sshd, Sshd};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -140,93 +143,8 @@ fn a_missing_component_is_one_error_naming_files_and_the_import_command() {
 
 // ---- real SSH on loopback ---------------------------------------------------------
 
-struct Sshd {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn keygen(path: &Path) {
-    assert!(Command::new("ssh-keygen")
-        .args(["-q", "-t", "ecdsa", "-b", "256", "-m", "PEM", "-N", "", "-f"])
-        .arg(path)
-        .status()
-        .unwrap()
-        .success());
-}
-
-fn start_sshd() -> Option<Sshd> {
-    if !Path::new("/usr/sbin/sshd").exists() {
-        eprintln!("skipped: /usr/sbin/sshd missing (apt-get install openssh-server)");
-        return None;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    keygen(&d.join("host_key"));
-    keygen(&d.join("user_key"));
-    std::fs::copy(d.join("user_key.pub"), d.join("authorized_keys")).unwrap();
-    std::fs::create_dir_all("/run/sshd").unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    std::fs::write(
-        d.join("sshd_config"),
-        format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\n\
-             StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
-             PermitRootLogin prohibit-password\nLogLevel ERROR\n",
-            d.join("host_key").display(),
-            d.join("authorized_keys").display(),
-            d.join("sshd.pid").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new("/usr/sbin/sshd")
-        .args(["-D", "-e", "-f"])
-        .arg(d.join("sshd_config"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-            let mut b = [0u8; 4];
-            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            if s.read_exact(&mut b).is_ok() && &b == b"SSH-" {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "sshd did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Some(Sshd { child, port, dir })
-}
-
 fn remote(sshd: &Sshd) -> SshRemote {
-    let key = HostKey::from_openssh(
-        &std::fs::read_to_string(sshd.dir.path().join("host_key.pub")).unwrap(),
-    )
-    .unwrap();
-    let mut t = HashMap::new();
-    t.insert(
-        "n1".to_string(),
-        SshTarget {
-            addr: format!("127.0.0.1:{}", sshd.port),
-            user: "root".into(),
-            host_key: key,
-        },
-    );
-    SshRemote::new(sshd.dir.path().join("user_key"), t)
+    sshd.remote(&["n1"], sshd.host_key())
 }
 
 #[test]

@@ -7,9 +7,10 @@
 
 mod support;
 
-use std::net::TcpListener;
+use support::loopback::{free_port, wait_listening, Killed};
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -114,26 +115,9 @@ fn lab(dir: &Path) -> LabPlan {
     p
 }
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `openssl s_server -www` with a certificate and key, requiring a client
 /// certificate signed by `client_ca`.
-fn https_server(cert: &Path, key: &Path, client_ca: &Path) -> (Server, u16) {
+fn https_server(cert: &Path, key: &Path, client_ca: &Path) -> (Killed, u16) {
     let port = free_port();
     let child = Command::new("openssl")
         .args(["s_server", "-www", "-verify_return_error", "-Verify", "1"])
@@ -149,12 +133,8 @@ fn https_server(cert: &Path, key: &Path, client_ca: &Path) -> (Server, u16) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let s = Server(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "openssl s_server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let s = Killed(child);
+    wait_listening(port, "openssl s_server");
     (s, port)
 }
 

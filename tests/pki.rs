@@ -5,8 +5,9 @@
 
 mod support;
 
+use support::loopback::{free_port, wait_listening, Killed};
+
 use std::collections::BTreeMap;
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -238,26 +239,9 @@ fn rsa_pki_passes_openssl_and_the_linter() {
 
 // ---------------------------------------------------------------- mutual TLS
 
-struct Server(std::process::Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `openssl s_server` on loopback with `cert`, requiring a client certificate from the
 /// lab CA; it answers each line with the line reversed.
-fn tls_server(plan: &LabPlan, cert: &str, ca_file: &Path) -> (Server, u16) {
+fn tls_server(plan: &LabPlan, cert: &str, ca_file: &Path) -> (Killed, u16) {
     let pki = &plan.paths.pki;
     let port = free_port();
     let child = Command::new("openssl")
@@ -275,12 +259,8 @@ fn tls_server(plan: &LabPlan, cert: &str, ca_file: &Path) -> (Server, u16) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let server = Server(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "s_server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let server = Killed(child);
+    wait_listening(port, "openssl s_server");
     (server, port)
 }
 

@@ -5,125 +5,16 @@
 //! Needs /usr/sbin/sshd (`apt-get install -y --no-install-recommends openssh-server`)
 //! and ssh-keygen; the tests are skipped with a message when either is missing.
 
-use std::collections::HashMap;
-use std::io::Read;
-use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kthw_lab::remote::{all_ok, exec_all, HostKey, Remote, RemoteError, SshRemote, SshTarget};
+use kthw_lab::remote::{all_ok, exec_all, HostKey, Remote, RemoteError};
 
-const SSHD: &str = "/usr/sbin/sshd";
+mod support;
 
-struct Sshd {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn keygen(path: &Path) {
-    let st = Command::new("ssh-keygen")
-        .args([
-            "-q", "-t", "ecdsa", "-b", "256", "-m", "PEM", "-N", "", "-f",
-        ])
-        .arg(path)
-        .status()
-        .expect("ssh-keygen");
-    assert!(st.success());
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn available() -> bool {
-    let ok = Path::new(SSHD).exists()
-        && Command::new("ssh-keygen")
-            .arg("-?")
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-    if !ok {
-        eprintln!("skipped: {SSHD} or ssh-keygen missing (apt-get install openssh-server)");
-    }
-    ok
-}
-
-fn start_sshd() -> Sshd {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    keygen(&d.join("host_key"));
-    keygen(&d.join("user_key"));
-    std::fs::copy(d.join("user_key.pub"), d.join("authorized_keys")).unwrap();
-    // sshd's privilege separation directory.
-    std::fs::create_dir_all("/run/sshd").unwrap();
-    let port = free_port();
-    let config = format!(
-        "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {ak}\nPidFile {pid}\n\
-         StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
-         PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nLogLevel ERROR\nMaxStartups 50\nMaxSessions 50\n",
-        hk = d.join("host_key").display(),
-        ak = d.join("authorized_keys").display(),
-        pid = d.join("sshd.pid").display(),
-    );
-    std::fs::write(d.join("sshd_config"), config).unwrap();
-    let child = Command::new(SSHD)
-        .args(["-D", "-e", "-f"])
-        .arg(d.join("sshd_config"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start sshd");
-    // Wait for the banner.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-            let mut b = [0u8; 4];
-            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            if s.read_exact(&mut b).is_ok() && &b == b"SSH-" {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "sshd did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Sshd { child, port, dir }
-}
-
-fn host_key(sshd: &Sshd) -> HostKey {
-    let line = std::fs::read_to_string(sshd.dir.path().join("host_key.pub")).unwrap();
-    HostKey::from_openssh(&line).unwrap()
-}
-
-fn remote_for(sshd: &Sshd, nodes: &[&str], key: HostKey) -> SshRemote {
-    let targets: HashMap<String, SshTarget> = nodes
-        .iter()
-        .map(|n| {
-            (
-                n.to_string(),
-                SshTarget {
-                    addr: format!("127.0.0.1:{}", sshd.port),
-                    user: "root".into(),
-                    host_key: key.clone(),
-                },
-            )
-        })
-        .collect();
-    SshRemote::new(sshd.dir.path().join("user_key"), targets)
-}
+use support::loopback::{keygen, start_sshd, Sshd};
 
 fn scratch(sshd: &Sshd, name: &str) -> PathBuf {
     let p = sshd.dir.path().join("scratch").join(name);
@@ -135,11 +26,8 @@ const T: Duration = Duration::from_secs(20);
 
 #[test]
 fn exec_reports_status_stdout_and_stderr_on_one_reused_session() {
-    if !available() {
-        return;
-    }
-    let sshd = start_sshd();
-    let r = remote_for(&sshd, &["m1"], host_key(&sshd));
+    let Some(sshd) = start_sshd() else { return };
+    let r = sshd.remote(&["m1"], sshd.host_key());
     let out = r.exec("m1", "echo out; echo err >&2; exit 3", T).unwrap();
     assert_eq!(out.status, 3);
     assert_eq!(out.stdout, "out\n");
@@ -168,11 +56,8 @@ fn exec_reports_status_stdout_and_stderr_on_one_reused_session() {
 
 #[test]
 fn a_command_that_overruns_its_timeout_fails_and_the_next_one_works() {
-    if !available() {
-        return;
-    }
-    let sshd = start_sshd();
-    let r = remote_for(&sshd, &["n1"], host_key(&sshd));
+    let Some(sshd) = start_sshd() else { return };
+    let r = sshd.remote(&["n1"], sshd.host_key());
     let t0 = Instant::now();
     let e = r
         .exec("n1", "echo started; sleep 31.5", Duration::from_secs(1))
@@ -197,11 +82,8 @@ fn a_command_that_overruns_its_timeout_fails_and_the_next_one_works() {
 
 #[test]
 fn upload_sets_content_mode_and_owner_atomically() {
-    if !available() {
-        return;
-    }
-    let sshd = start_sshd();
-    let r = remote_for(&sshd, &["n1"], host_key(&sshd));
+    let Some(sshd) = start_sshd() else { return };
+    let r = sshd.remote(&["n1"], sshd.host_key());
     let dir = scratch(&sshd, "up");
     let dest = dir.join("sub/dir/etcd.service");
     let dest_s = dest.to_str().unwrap();
@@ -257,17 +139,14 @@ fn kthw_lab_sha256(b: &[u8]) -> String {
 
 #[test]
 fn a_wrong_host_key_is_refused_before_logging_in() {
-    if !available() {
-        return;
-    }
-    let sshd = start_sshd();
+    let Some(sshd) = start_sshd() else { return };
     let other = sshd.dir.path().join("other_host_key");
     keygen(&other);
     let wrong = HostKey::from_openssh(
         &std::fs::read_to_string(format!("{}.pub", other.display())).unwrap(),
     )
     .unwrap();
-    let r = remote_for(&sshd, &["m2"], wrong.clone());
+    let r = sshd.remote(&["m2"], wrong.clone());
     let e = r.exec("m2", "touch /should-not-exist", T).unwrap_err();
     match &e {
         RemoteError::HostKeyMismatch {
@@ -281,7 +160,7 @@ fn a_wrong_host_key_is_refused_before_logging_in() {
                 expected.contains(&HostKey::fingerprint(&wrong.blob)),
                 "{expected}"
             );
-            assert_eq!(found, &HostKey::fingerprint(&host_key(&sshd).blob));
+            assert_eq!(found, &HostKey::fingerprint(&sshd.host_key().blob));
         }
         other => panic!("expected a host key mismatch, got {other}"),
     }
@@ -297,12 +176,9 @@ fn a_wrong_host_key_is_refused_before_logging_in() {
 
 #[test]
 fn exec_all_runs_nodes_in_parallel_and_keeps_node_order() {
-    if !available() {
-        return;
-    }
-    let sshd = start_sshd();
+    let Some(sshd) = start_sshd() else { return };
     let nodes = ["m1", "m2", "n1", "n2"];
-    let r = remote_for(&sshd, &nodes, host_key(&sshd));
+    let r = sshd.remote(&nodes, sshd.host_key());
     let t0 = Instant::now();
     let res = exec_all(&r, &nodes, |r, n| {
         r.run(n, &format!("sleep 2; echo {n}"), T)

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod lab;
+pub mod loopback;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
