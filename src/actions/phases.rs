@@ -48,6 +48,34 @@ pub fn remove_domains(plan: &LabPlan, connect: &str) -> Result<Vec<String>> {
     .remove(&plan.lab, Some(plan))
 }
 
+/// Run `f` for every item at once (one thread each), with a progress line per item
+/// (named by `name`) that starts as `doing` and that `f` finishes. Results in order.
+fn on_every_node<T, N, F>(
+    items: &[T],
+    name: N,
+    progress: &super::Progress,
+    doing: &str,
+    f: F,
+) -> Vec<Result<()>>
+where
+    T: Sync,
+    N: Fn(&T) -> &str,
+    F: Fn(&T, super::Line) -> Result<()> + Sync,
+{
+    std::thread::scope(|s| {
+        let hs: Vec<_> = items
+            .iter()
+            .map(|item| {
+                let (f, line) = (&f, progress.line(name(item), doing));
+                s.spawn(move || f(item, line))
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("per-node thread panicked"))
+            .collect()
+    })
+}
+
 /// Shut every domain of the lab down (ACPI, forced after `grace`), in parallel.
 pub fn shutdown_domains(
     plan: &LabPlan,
@@ -57,39 +85,30 @@ pub fn shutdown_domains(
 ) -> Result<()> {
     use crate::host::libvirt::Hypervisor;
     let hv = connect_hypervisor(connect)?;
-    let results: Vec<Result<()>> = std::thread::scope(|s| {
-        let hs: Vec<_> = plan
-            .nodes
-            .iter()
-            .map(|n| {
-                let hv = &hv;
-                s.spawn(move || {
-                    let line = progress.line(&n.name, "shutting down");
-                    match hv.shutdown(&n.domain, grace) {
-                        Ok(true) => {
-                            line.done("off");
-                            Ok(())
-                        }
-                        Ok(false) => {
-                            line.done("forced off (the guest did not power off in time)");
-                            Ok(())
-                        }
-                        Err(e) => {
-                            line.fail(&e.to_string());
-                            Err(provision(
-                                format!("cannot shut down {}", n.domain),
-                                e.hint(),
-                                e,
-                            ))
-                        }
-                    }
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().expect("shutdown thread"))
-            .collect()
-    });
+    let results = on_every_node(
+        &plan.nodes,
+        |n| n.name.as_str(),
+        progress,
+        "shutting down",
+        |n, line| match hv.shutdown(&n.domain, grace) {
+            Ok(true) => {
+                line.done("off");
+                Ok(())
+            }
+            Ok(false) => {
+                line.done("forced off (the guest did not power off in time)");
+                Ok(())
+            }
+            Err(e) => {
+                line.fail(&e.to_string());
+                Err(provision(
+                    format!("cannot shut down {}", n.domain),
+                    e.hint(),
+                    e,
+                ))
+            }
+        },
+    );
     results.into_iter().collect()
 }
 
@@ -621,44 +640,64 @@ struct WaitSshPhase {
 ///
 /// [`FRESH_SNAPSHOT`]: crate::host::libvirt::FRESH_SNAPSHOT
 fn save_fresh_states(cx: &RunCtx, connect: &str) -> Result<()> {
-    use crate::host::libvirt::{fresh_description, Hypervisor};
     let hv = connect_hypervisor(connect)?;
-    let lab = &cx.plan.lab;
+    let todo: Vec<FreshState> = fresh_states(&hv, cx.plan)?
+        .into_iter()
+        .filter(|s| !s.saved)
+        .collect();
+    on_every_node(
+        &todo,
+        |s| s.node.name.as_str(),
+        &cx.progress,
+        "saving its fresh state",
+        |s, line| {
+            use crate::host::libvirt::Hypervisor;
+            match hv.take_fresh_snapshot(&s.node.domain, &s.description) {
+                Ok(()) => line.done("fresh state saved for reset"),
+                Err(e) => line.fail(&format!(
+                    "fresh state not saved ({e}); `reset` will boot this node again"
+                )),
+            }
+            Ok(())
+        },
+    );
+    Ok(())
+}
+
+/// A node with a domain, and its saved fresh state.
+struct FreshState<'p> {
+    node: &'p crate::plan::NodePlan,
+    /// What its snapshot's description must be for its current domain definition.
+    description: String,
+    /// It has such a snapshot.
+    saved: bool,
+}
+
+/// The fresh state of every node of the plan that has a domain.
+fn fresh_states<'p>(
+    hv: &crate::host::libvirt::Libvirt,
+    plan: &'p LabPlan,
+) -> Result<Vec<FreshState<'p>>> {
+    use crate::host::libvirt::{fresh_description, Hypervisor};
     let domains = hv
-        .list_lab_domains(lab)
-        .map_err(|e| provision(format!("domains of lab `{lab}`"), e.hint(), e))?;
-    let mut todo = Vec::new();
-    for n in &cx.plan.nodes {
+        .list_lab_domains(&plan.lab)
+        .map_err(|e| provision(format!("domains of lab `{}`", plan.lab), e.hint(), e))?;
+    let mut out = Vec::new();
+    for n in &plan.nodes {
         let Some(d) = domains.iter().find(|d| d.name == n.domain) else {
             continue;
         };
-        let want = fresh_description(&d.marker.digest);
+        let description = fresh_description(&d.marker.digest);
         let have = hv
             .fresh_snapshot(&n.domain)
             .map_err(|e| provision(format!("snapshots of {}", n.domain), e.hint(), e))?;
-        if have.as_deref() != Some(want.as_str()) {
-            todo.push((n, want));
-        }
+        out.push(FreshState {
+            node: n,
+            saved: have.as_deref() == Some(description.as_str()),
+            description,
+        });
     }
-    std::thread::scope(|s| {
-        for (n, want) in &todo {
-            let hv = &hv;
-            s.spawn(move || {
-                let line = cx.progress.line(&n.name, "saving its fresh state");
-                let t0 = std::time::Instant::now();
-                match hv.take_fresh_snapshot(&n.domain, want) {
-                    Ok(()) => line.done(&format!(
-                        "fresh state saved for reset in {:.1} s",
-                        t0.elapsed().as_secs_f64()
-                    )),
-                    Err(e) => line.fail(&format!(
-                        "fresh state not saved ({e}); `reset` will boot this node again"
-                    )),
-                }
-            });
-        }
-    });
-    Ok(())
+    Ok(out)
 }
 
 /// Put every node back to its freshly booted state (see [`save_fresh_states`]), in
@@ -669,55 +708,32 @@ pub fn revert_to_fresh_states(
     connect: &str,
     progress: &super::Progress,
 ) -> Result<bool> {
-    use crate::host::libvirt::{fresh_description, Hypervisor};
+    use crate::host::libvirt::Hypervisor;
     let hv = connect_hypervisor(connect)?;
-    let domains = hv
-        .list_lab_domains(&plan.lab)
-        .map_err(|e| provision(format!("domains of lab `{}`", plan.lab), e.hint(), e))?;
-    for n in &plan.nodes {
-        let Some(d) = domains.iter().find(|d| d.name == n.domain) else {
-            return Ok(false);
-        };
-        let have = hv
-            .fresh_snapshot(&n.domain)
-            .map_err(|e| provision(format!("snapshots of {}", n.domain), e.hint(), e))?;
-        if have.as_deref() != Some(fresh_description(&d.marker.digest).as_str()) {
-            return Ok(false);
-        }
+    let states = fresh_states(&hv, plan)?;
+    if states.len() != plan.nodes.len() || !states.iter().all(|s| s.saved) {
+        return Ok(false);
     }
-    let results: Vec<Result<()>> = std::thread::scope(|s| {
-        let hs: Vec<_> = plan
-            .nodes
-            .iter()
-            .map(|n| {
-                let hv = &hv;
-                s.spawn(move || {
-                    let line = progress.line(&n.name, "going back to its fresh state");
-                    let t0 = std::time::Instant::now();
-                    match hv.revert_to_fresh(&n.domain) {
-                        Ok(()) => {
-                            line.done(&format!(
-                                "back to its fresh state in {:.1} s",
-                                t0.elapsed().as_secs_f64()
-                            ));
-                            Ok(())
-                        }
-                        Err(e) => {
-                            line.fail(&e.to_string());
-                            Err(provision(
-                                format!("cannot revert {}", n.domain),
-                                e.hint(),
-                                e,
-                            ))
-                        }
-                    }
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().expect("revert thread"))
-            .collect()
-    });
+    let results = on_every_node(
+        &plan.nodes,
+        |n| n.name.as_str(),
+        progress,
+        "going back to its fresh state",
+        |n, line| match hv.revert_to_fresh(&n.domain) {
+            Ok(()) => {
+                line.done("back to its fresh state");
+                Ok(())
+            }
+            Err(e) => {
+                line.fail(&e.to_string());
+                Err(provision(
+                    format!("cannot revert {}", n.domain),
+                    e.hint(),
+                    e,
+                ))
+            }
+        },
+    );
     results.into_iter().collect::<Result<Vec<()>>>()?;
     Ok(true)
 }
