@@ -364,8 +364,12 @@ fn write_devices(
                     .write_text_content(BytesText::new("/dev/urandom"))?;
                 Ok(())
             })?;
+        // No ballooning, only free page reporting: the guest hands pages it frees
+        // back to the host (lower RSS over a lab's life, and a smaller saved fresh
+        // state: 170 instead of 200 MiB for a node just booted).
         w.create_element("memballoon")
-            .with_attribute(("model", "none"))
+            .with_attribute(("model", "virtio"))
+            .with_attribute(("freePageReporting", "on"))
             .write_empty()?;
         Ok(())
     })?;
