@@ -263,6 +263,23 @@ impl Libvirt {
             other => DomainState::Other(format!("{other:?}")),
         })
     }
+
+    /// The domain's [`FRESH_SNAPSHOT`], `None` when it has none.
+    fn fresh_of(
+        d: &Domain,
+        name: &str,
+    ) -> Result<Option<virt::domain_snapshot::DomainSnapshot>, HypervisorError> {
+        match Domain::lookup_snapshot_by_name(d, FRESH_SNAPSHOT, 0) {
+            Ok(s) => Ok(Some(s)),
+            Err(e)
+                if e.code()
+                    == virt::error::ErrorNumberEnum::Known(ErrorNumber::NoDomainSnapshot) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(Self::err("look up the snapshot of", name)(e)),
+        }
+    }
 }
 
 impl Hypervisor for Libvirt {
@@ -459,24 +476,6 @@ impl Hypervisor for Libvirt {
         })?;
         snap.revert(virt::sys::VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
             .map_err(Self::err("revert", name))
-    }
-}
-
-impl Libvirt {
-    fn fresh_of(
-        d: &Domain,
-        name: &str,
-    ) -> Result<Option<virt::domain_snapshot::DomainSnapshot>, HypervisorError> {
-        match Domain::lookup_snapshot_by_name(d, FRESH_SNAPSHOT, 0) {
-            Ok(s) => Ok(Some(s)),
-            Err(e)
-                if e.code()
-                    == virt::error::ErrorNumberEnum::Known(ErrorNumber::NoDomainSnapshot) =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(Self::err("look up the snapshot of", name)(e)),
-        }
     }
 }
 
