@@ -144,9 +144,15 @@ fn create_until_runtime_converges_and_destroy_leaves_nothing() {
     assert_eq!(st["last_phase"], "runtime", "{st}");
     assert_eq!(st["nodes"][0]["units"]["etcd"], true, "{st}");
     assert_eq!(st["nodes"][3]["units"]["containerd"], true, "{st}");
+    // Every node's first boot was saved: reset will go back to it.
+    for i in 0..4 {
+        assert_eq!(st["nodes"][i]["fresh_state"], true, "{st}");
+    }
     assert!(
         text(&kthw(&state, &["status", "e2e"]).stdout).contains("etcd: healthy on every endpoint")
     );
+    assert!(text(&kthw(&state, &["status", "e2e"]).stdout)
+        .contains("reset: back to every node's saved fresh state"));
 
     // Running create again converges: nothing rebuilt, the balancer reloaded.
     let t1 = std::time::Instant::now();

@@ -665,16 +665,16 @@ fn save_fresh_states(cx: &RunCtx, connect: &str) -> Result<()> {
 }
 
 /// A node with a domain, and its saved fresh state.
-struct FreshState<'p> {
-    node: &'p crate::plan::NodePlan,
+pub(crate) struct FreshState<'p> {
+    pub node: &'p crate::plan::NodePlan,
     /// What its snapshot's description must be for its current domain definition.
-    description: String,
+    pub description: String,
     /// It has such a snapshot.
-    saved: bool,
+    pub saved: bool,
 }
 
 /// The fresh state of every node of the plan that has a domain.
-fn fresh_states<'p>(
+pub(crate) fn fresh_states<'p>(
     hv: &crate::host::libvirt::Libvirt,
     plan: &'p LabPlan,
 ) -> Result<Vec<FreshState<'p>>> {

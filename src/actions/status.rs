@@ -19,6 +19,9 @@ pub struct NodeStatus {
     pub ip: String,
     /// libvirt's view: running, shut off, ... or `absent`.
     pub domain: String,
+    /// It has a saved fresh state for its current definition (`reset` goes back to it
+    /// instead of booting the node again).
+    pub fresh_state: bool,
     /// A real SSH login with the pinned host key worked.
     pub ssh: bool,
     /// Expected units and whether each is active.
@@ -240,6 +243,16 @@ pub fn collect(plan: &LabPlan, journal: &Journal, connect: &str) -> LabStatus {
             crate::render::units::Bins::with_image(&c, &plan.image, &from)
         });
     let routes_done = journal.is_done(Phase::Routes);
+    let saved: Vec<String> = hv
+        .as_ref()
+        .and_then(|h| super::phases::fresh_states(h, plan).ok())
+        .map(|v| {
+            v.into_iter()
+                .filter(|s| s.saved)
+                .map(|s| s.node.name.clone())
+                .collect()
+        })
+        .unwrap_or_default();
     let nodes: Vec<NodeStatus> = std::thread::scope(|s| {
         let handles: Vec<_> = plan
             .nodes
@@ -247,6 +260,7 @@ pub fn collect(plan: &LabPlan, journal: &Journal, connect: &str) -> LabStatus {
             .map(|n| {
                 let hv = hv.as_ref();
                 let remote = remote.as_ref();
+                let fresh_state = saved.contains(&n.name);
                 s.spawn(move || {
                     let domain = match hv.map(|h| h.state(&n.domain)) {
                         Some(Ok(Some(st))) => format!("{st:?}").to_lowercase(),
@@ -258,6 +272,7 @@ pub fn collect(plan: &LabPlan, journal: &Journal, connect: &str) -> LabStatus {
                         role: n.role,
                         ip: n.ip.to_string(),
                         domain,
+                        fresh_state,
                         ssh: false,
                         units: BTreeMap::new(),
                         routes_checked: false,
@@ -411,6 +426,7 @@ pub fn render_table(s: &LabStatus) -> String {
         None => out.push_str("load balancer: not answering\n"),
     }
     out.push_str(&render_kube(&s.kubernetes));
+    out.push_str(&render_reset(&s.nodes));
     for n in s.nodes.iter().filter(|n| n.error.is_some()) {
         out.push_str(&format!(
             "{}: {}\n",
@@ -419,6 +435,23 @@ pub fn render_table(s: &LabStatus) -> String {
         ));
     }
     out
+}
+
+/// What `reset` would do: go back to every node's saved fresh state, or boot them.
+fn render_reset(nodes: &[NodeStatus]) -> String {
+    let unsaved: Vec<&str> = nodes
+        .iter()
+        .filter(|n| !n.fresh_state)
+        .map(|n| n.name.as_str())
+        .collect();
+    if unsaved.is_empty() {
+        "reset: back to every node's saved fresh state\n".into()
+    } else {
+        format!(
+            "reset: boots the nodes again (no saved fresh state on {})\n",
+            unsaved.join(", ")
+        )
+    }
 }
 
 #[cfg(test)]
@@ -450,6 +483,30 @@ mod tests {
         let v = serde_json::to_value(&k).unwrap();
         assert_eq!(v["state"], "up");
         assert_eq!(v["nodes"][1]["ready"], "not-ready");
+    }
+
+    #[test]
+    fn the_reset_line_names_the_nodes_without_a_saved_state() {
+        let node = |name: &str, fresh_state| NodeStatus {
+            name: name.into(),
+            role: Role::Worker,
+            ip: "10.200.1.12".into(),
+            domain: "running".into(),
+            fresh_state,
+            ssh: true,
+            units: BTreeMap::new(),
+            routes_checked: false,
+            missing_routes: vec![],
+            error: None,
+        };
+        assert_eq!(
+            render_reset(&[node("n1", true), node("n2", true)]),
+            "reset: back to every node's saved fresh state\n"
+        );
+        assert_eq!(
+            render_reset(&[node("n1", true), node("n2", false), node("n3", false)]),
+            "reset: boots the nodes again (no saved fresh state on n2, n3)\n"
+        );
     }
 
     #[test]
