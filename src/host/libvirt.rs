@@ -264,6 +264,15 @@ impl Libvirt {
         })
     }
 
+    /// The domain named `name`; its absence is an error of `op`.
+    fn existing(&self, name: &str, op: &'static str) -> Result<Domain, HypervisorError> {
+        self.lookup(name)?.ok_or_else(|| HypervisorError::Libvirt {
+            op,
+            resource: name.to_string(),
+            message: "no such domain".into(),
+        })
+    }
+
     /// The domain's [`FRESH_SNAPSHOT`], `None` when it has none.
     fn fresh_of(
         d: &Domain,
@@ -321,11 +330,7 @@ impl Hypervisor for Libvirt {
     }
 
     fn start(&self, name: &str) -> Result<(), HypervisorError> {
-        let d = self.lookup(name)?.ok_or_else(|| HypervisorError::Libvirt {
-            op: "start",
-            resource: name.to_string(),
-            message: "no such domain".into(),
-        })?;
+        let d = self.existing(name, "start")?;
         if d.is_active().map_err(Self::err("start", name))? {
             return Ok(());
         }
@@ -446,11 +451,7 @@ impl Hypervisor for Libvirt {
     }
 
     fn take_fresh_snapshot(&self, name: &str, description: &str) -> Result<(), HypervisorError> {
-        let d = self.lookup(name)?.ok_or_else(|| HypervisorError::Libvirt {
-            op: "snapshot",
-            resource: name.to_string(),
-            message: "no such domain".into(),
-        })?;
+        let d = self.existing(name, "snapshot")?;
         if let Some(old) = Self::fresh_of(&d, name)? {
             old.delete(0)
                 .map_err(Self::err("delete the old snapshot of", name))?;
@@ -464,11 +465,7 @@ impl Hypervisor for Libvirt {
     }
 
     fn revert_to_fresh(&self, name: &str) -> Result<(), HypervisorError> {
-        let d = self.lookup(name)?.ok_or_else(|| HypervisorError::Libvirt {
-            op: "revert",
-            resource: name.to_string(),
-            message: "no such domain".into(),
-        })?;
+        let d = self.existing(name, "revert")?;
         let snap = Self::fresh_of(&d, name)?.ok_or_else(|| HypervisorError::Libvirt {
             op: "revert",
             resource: name.to_string(),
