@@ -64,7 +64,7 @@ pub fn decide(requested: Accelerator, probe: AccelProbe) -> AccelChoice {
             AccelChoice {
                 accel: Accel::Tcg,
                 warning: Some(format!(
-                    "using software emulation (TCG): {why}; first boots take minutes"
+                    "using software emulation (TCG): {why}; guests run several times slower than with KVM"
                 )),
             }
         }
