@@ -1,8 +1,14 @@
 //! `cargo bench --bench lab` (`make bench-lab`): time to a ready lab, kthw-lab side by
-//! side with the tutorial baseline (benches/baseline/tutorial-lab.sh: qemu-img overlays,
-//! genisoimage cloud-init ISOs, `virsh define`/`start`, ssh polling) on the same machine,
-//! the same offline base image and the same VM size, in one run. Everything runs inside
-//! `scripts/netns-run` (a namespace with its own libvirtd): no lab touches the host network.
+//! side with two baselines on the same machine, the same offline base image and the same
+//! VM size, in one run:
+//! - the tutorial way by hand (benches/baseline/tutorial-lab.sh: qemu-img overlays,
+//!   genisoimage cloud-init ISOs, `virsh define`/`start`, ssh polling);
+//! - virt-lightning (benches/baseline/virt-lightning.sh), installed from PyPI into the
+//!   target dir, booting the same image made disk-bootable (bootable-disk.sh); when it
+//!   cannot be installed its columns say why instead.
+//!
+//! Everything runs inside `scripts/netns-run` (a namespace with its own libvirtd, which
+//! offers only TCG: `KTHW_NETNS_NO_KVM=1`): no lab touches the host network.
 //!
 //! Rows:
 //! - boot to SSH for 1, 2 and 4 nodes: from the start of `create` (or of the baseline
@@ -13,7 +19,8 @@
 //! - 2m2w: `create --until runtime` with its phases, `reset`, `destroy`.
 //!
 //! Ratios are kthw-lab / baseline (lower is better), so they survive a noisy machine.
-//! Environment: `LAB_BENCH_NODES` (comma list, default 1,2,4), `LAB_BENCH_SKIP_2M2W=1`.
+//! Environment: `LAB_BENCH_NODES` (comma list, default 1,2,4), `LAB_BENCH_SKIP_2M2W=1`,
+//! `LAB_BENCH_SKIP_VL=1` (no virt-lightning).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -79,13 +86,63 @@ fn main() {
     // namespace of its own.
     let (_, secs) = timed(|| kthw(&["image", "pull", "kthw-debian12"]));
     println!("offline image ready in {secs:.0} s");
+    let vl = prepare_virt_lightning();
     let me = std::env::current_exe().unwrap();
-    let status = Command::new(root().join("scripts/netns-run"))
-        .arg(me)
-        .arg("--inside")
-        .status()
-        .unwrap();
+    let mut cmd = Command::new(root().join("scripts/netns-run"));
+    cmd.arg(me).arg("--inside").env("KTHW_NETNS_NO_KVM", "1");
+    match &vl {
+        Ok(()) => cmd.env_remove(VL_SKIPPED),
+        Err(why) => cmd.env(VL_SKIPPED, why),
+    };
+    let status = cmd.status().unwrap();
     assert!(status.success(), "the benchmark failed inside netns-run");
+}
+
+/// Set inside the namespace when virt-lightning is not measured: why.
+const VL_SKIPPED: &str = "LAB_BENCH_VL_SKIPPED";
+
+fn vl_venv() -> PathBuf {
+    state_dir().join("virt-lightning-venv")
+}
+
+fn bootable_disk() -> PathBuf {
+    state_dir().join("kthw-debian12-bootable.qcow2")
+}
+
+/// virt-lightning from PyPI and the base image made disk-bootable, outside the
+/// namespace (pip needs the registry). `Err` says why it will not be measured.
+fn prepare_virt_lightning() -> Result<(), String> {
+    if std::env::var_os("LAB_BENCH_SKIP_VL").is_some() {
+        return Err("LAB_BENCH_SKIP_VL is set".into());
+    }
+    let script = root().join("benches/baseline/virt-lightning.sh");
+    let (out, secs) = timed(|| {
+        Command::new(&script)
+            .arg("install")
+            .arg(vl_venv())
+            .stdin(Stdio::null())
+            .output()
+    });
+    match out {
+        Ok(o) if o.status.success() => println!("virt-lightning ready in {secs:.0} s"),
+        Ok(o) => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            let last = err.lines().last().unwrap_or("no output").to_string();
+            println!("virt-lightning is not measured: pip install failed: {last}");
+            return Err(format!("pip install failed: {last}"));
+        }
+        Err(e) => return Err(format!("{}: {e}", script.display())),
+    }
+    let image = state_dir().join("cache/images/kthw-debian12");
+    let (_, secs) = timed(|| {
+        run(
+            Command::new(root().join("benches/baseline/bootable-disk.sh"))
+                .arg(&image)
+                .arg(bootable_disk()),
+        )
+    });
+    println!("disk-bootable copy of the image ready in {secs:.0} s");
+    Ok(())
 }
 
 /// One system's figures for one node count.
@@ -110,75 +167,137 @@ fn inside() {
         .split(',')
         .map(|s| s.trim().parse().expect("LAB_BENCH_NODES: numbers"))
         .collect();
+    let vl_skipped = std::env::var(VL_SKIPPED).ok();
     let work = tempfile::tempdir().unwrap();
     let mut rows = Vec::new();
     for &n in &counts {
         let ours = boot_kthw(n, work.path());
         let base = boot_baseline(n, work.path(), &image);
-        rows.push((n, ours, base));
+        let vl = vl_skipped
+            .is_none()
+            .then(|| boot_virt_lightning(n, work.path()));
+        rows.push((n, ours, base, vl));
     }
     let lab = (std::env::var_os("LAB_BENCH_SKIP_2M2W").is_none()).then(|| full_lab(work.path()));
 
     println!();
     println!("boot to SSH under TCG ({MEMORY_MIB} MiB, 1 vCPU per node; 2 host cores)");
+    if let Some(why) = &vl_skipped {
+        println!("virt-lightning: not measured ({why})");
+    }
     println!(
-        "{:<6} {:>10} {:>10} {:>7}   {:>12} {:>12} {:>7}",
-        "nodes", "kthw-lab", "baseline", "ratio", "teardown", "baseline", "ratio"
+        "{:<6} {:>10} {:>10} {:>7} {:>10} {:>7}",
+        "nodes", "kthw-lab", "tutorial", "ratio", "virt-ltng", "ratio"
     );
-    for (n, o, b) in &rows {
+    for (n, o, b, v) in &rows {
         println!(
-            "{:<6} {:>8.1} s {:>8.1} s {:>7.2}   {:>10.1} s {:>10.1} s {:>7.2}",
+            "{:<6} {:>8.1} s {:>8.1} s {:>7.2} {} {}",
             n,
             o.to_ssh,
             b.to_ssh,
             o.to_ssh / b.to_ssh,
-            o.teardown,
-            b.teardown,
-            o.teardown / b.teardown
+            cell(v.as_ref().map(|v| v.to_ssh), 8, 1, " s"),
+            cell(v.as_ref().map(|v| o.to_ssh / v.to_ssh), 7, 2, ""),
         );
     }
     println!();
-    println!("per node after boot: peak qemu RSS (VmHWM) and overlay disk allocated, MiB;");
-    println!("kthw-lab's overlay also holds the node's saved fresh state (for `reset`),");
-    println!("so disk is shown with it, without it, and as ratios both ways");
+    println!("teardown of the same nodes");
     println!(
-        "{:<6} {:>9} {:>9} {:>6}   {:>9} {:>7} {:>9} {:>6} {:>6}",
-        "nodes",
-        "RSS kthw",
-        "baseline",
-        "ratio",
-        "disk kthw",
-        "state",
-        "baseline",
-        "ratio",
-        "w/o st"
+        "{:<6} {:>10} {:>10} {:>7} {:>10} {:>7}",
+        "nodes", "kthw-lab", "tutorial", "ratio", "virt-ltng", "ratio"
     );
-    for (n, o, b) in &rows {
-        let (ro, rb) = (mean(&o.rss_mib), mean(&b.rss_mib));
-        let (dc, ds, db) = (mean(&o.disk_mib), mean(&o.state_mib), mean(&b.disk_mib));
+    for (n, o, b, v) in &rows {
         println!(
-            "{:<6} {:>9.0} {:>9.0} {:>6.2}   {:>9.1} {:>7.1} {:>9.1} {:>6.2} {:>6.2}",
+            "{:<6} {:>8.1} s {:>8.1} s {:>7.2} {} {}",
+            n,
+            o.teardown,
+            b.teardown,
+            o.teardown / b.teardown,
+            cell(v.as_ref().map(|v| v.teardown), 8, 1, " s"),
+            cell(v.as_ref().map(|v| o.teardown / v.teardown), 7, 2, ""),
+        );
+    }
+    println!();
+    println!("per node after boot: peak qemu RSS (VmHWM), MiB, and ratios kthw-lab / baseline");
+    println!(
+        "{:<6} {:>9} {:>9} {:>6} {:>9} {:>6}",
+        "nodes", "kthw-lab", "tutorial", "ratio", "virt-ltng", "ratio"
+    );
+    for (n, o, b, v) in &rows {
+        let (ro, rb) = (mean(&o.rss_mib), mean(&b.rss_mib));
+        let rv = v.as_ref().map(|v| mean(&v.rss_mib));
+        println!(
+            "{:<6} {:>9.0} {:>9.0} {:>6.2} {} {}",
             n,
             ro,
             rb,
             ro / rb,
+            cell(rv, 9, 0, ""),
+            cell(rv.map(|rv| ro / rv), 6, 2, ""),
+        );
+    }
+    println!();
+    println!("per node after boot: overlay disk allocated, MiB; kthw-lab's overlay also holds");
+    println!("the node's saved fresh state (for `reset`): ratios with it, and without it (w/o)");
+    println!(
+        "{:<6} {:>9} {:>7} {:>9} {:>6} {:>6} {:>9} {:>6} {:>6}",
+        "nodes", "kthw-lab", "state", "tutorial", "ratio", "w/o", "virt-ltng", "ratio", "w/o"
+    );
+    for (n, o, b, v) in &rows {
+        let (dc, ds, db) = (mean(&o.disk_mib), mean(&o.state_mib), mean(&b.disk_mib));
+        let dv = v.as_ref().map(|v| mean(&v.disk_mib));
+        println!(
+            "{:<6} {:>9.1} {:>7.1} {:>9.1} {:>6.2} {:>6.2} {} {} {}",
+            n,
             dc,
             ds,
             db,
             dc / db,
-            (dc - ds) / db
+            (dc - ds) / db,
+            cell(dv, 9, 1, ""),
+            cell(dv.map(|dv| dc / dv), 6, 2, ""),
+            cell(dv.map(|dv| (dc - ds) / dv), 6, 2, ""),
         );
     }
-    if let Some((n, o, b)) = rows.iter().min_by_key(|r| r.0) {
+    if let Some((n, o, b, v)) = rows.iter().min_by_key(|r| r.0) {
         println!();
         println!(
             "where the time goes, {n} node(s): seconds since the kernel started (guest clock)"
         );
-        println!("{:<34} {:>9} {:>9}", "milestone", "kthw-lab", "baseline");
-        for ((name, a), (_, c)) in o.markers.iter().zip(&b.markers) {
-            let f = |v: &Option<f64>| v.map_or("-".to_string(), |s| format!("{s:.1}"));
-            println!("{name:<34} {:>9} {:>9}", f(a), f(c));
+        println!(
+            "{:<34} {:>9} {:>9} {:>9}",
+            "milestone", "kthw-lab", "tutorial", "virt-ltng"
+        );
+        let none = Boot::default();
+        let v = v.as_ref().unwrap_or(&none);
+        let f = |v: Option<&Option<f64>>| {
+            v.and_then(|v| *v)
+                .map_or("-".to_string(), |s| format!("{s:.1}"))
+        };
+        for (i, (name, a)) in o.markers.iter().enumerate() {
+            println!(
+                "{name:<34} {:>9} {:>9} {:>9}",
+                f(Some(a)),
+                f(b.markers.get(i).map(|m| &m.1)),
+                f(v.markers.get(i).map(|m| &m.1))
+            );
         }
+        // The command's time that the guest's clock does not see.
+        let outside = |x: &Boot| {
+            let login = x.markers.iter().find(|m| m.0 == FIRST_LOGIN)?.1?;
+            Some(x.to_ssh - login)
+        };
+        println!(
+            "{:<34} {:>9} {:>9} {:>9}",
+            "outside the guest's boot (*)",
+            f(Some(&outside(o))),
+            f(Some(&outside(b))),
+            f(Some(&outside(v)))
+        );
+        println!("(*) boot to SSH minus the first login on the guest clock: the host's setup,");
+        println!("    firmware and bootloader (virt-lightning boots from the disk through SeaBIOS");
+        println!("    and syslinux), and what the command does after the login (kthw-lab: saving");
+        println!("    the fresh state for `reset`; the baselines: their polling interval)");
     }
     if let Some(lab) = lab {
         println!();
@@ -194,6 +313,15 @@ fn inside() {
             lab.reset / lab.create
         );
         println!("{:<14} {:>7.1} s", "destroy", lab.destroy);
+    }
+}
+
+/// A right-aligned table cell of `width` characters (plus `unit`), or "-" when the
+/// figure was not measured.
+fn cell(v: Option<f64>, width: usize, decimals: usize, unit: &str) -> String {
+    match v {
+        Some(v) => format!("{v:>width$.decimals$}{unit}"),
+        None => format!("{:>w$}", "-", w = width + unit.len()),
     }
 }
 
@@ -282,18 +410,7 @@ fn boot_baseline(n: u32, dir: &Path, image: &Path) -> Boot {
     println!("baseline: {n} node(s) to ssh in {to_ssh:.1} s");
     let domains: Vec<String> = (0..n).map(|i| format!("base-node-{i}")).collect();
     let markers = if n == 1 {
-        let out = run(Command::new("ssh").arg("-i").arg(work.join("id")).args([
-            "-q",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "kthw@10.250.0.11",
-            GUEST_LOG,
-        ]));
-        milestones(&String::from_utf8_lossy(&out.stdout))
+        guest_milestones(&work.join("id"), "10.250.0.11")
     } else {
         Vec::new()
     };
@@ -314,31 +431,100 @@ fn boot_baseline(n: u32, dir: &Path, image: &Path) -> Boot {
     }
 }
 
+/// virt-lightning (benches/baseline/virt-lightning.sh) bringing up `n` nodes from the
+/// disk-bootable copy of the same image.
+fn boot_virt_lightning(n: u32, dir: &Path) -> Boot {
+    let script = root().join("benches/baseline/virt-lightning.sh");
+    let work = dir.join(format!("vl{n}"));
+    let (_, to_ssh) = timed(|| {
+        run(Command::new(&script)
+            .arg("up")
+            .arg(vl_venv())
+            .arg(&work)
+            .arg(n.to_string())
+            .arg(bootable_disk())
+            .arg(MEMORY_MIB.to_string()))
+    });
+    println!("virt-lightning: {n} node(s) to ssh in {to_ssh:.1} s");
+    let domains: Vec<String> = (0..n).map(|i| format!("vl-node-{i}")).collect();
+    let markers = if n == 1 {
+        guest_milestones(&work.join("id"), "192.168.123.11")
+    } else {
+        Vec::new()
+    };
+    let rss_mib = domains.iter().map(|d| qemu_hwm_mib(d)).collect();
+    let disk_mib = domains
+        .iter()
+        .map(|d| {
+            allocated_mib(&Path::new("/var/lib/virt-lightning/pool").join(format!("{d}-0.qcow2")))
+        })
+        .collect();
+    let (_, teardown) = timed(|| run(Command::new(&script).arg("down").arg(vl_venv()).arg(&work)));
+    Boot {
+        to_ssh,
+        teardown,
+        rss_mib,
+        disk_mib,
+        state_mib: Vec::new(),
+        markers,
+    }
+}
+
 /// The guest's kernel log and journal since boot, with monotonic timestamps.
 const GUEST_LOG: &str = "sudo journalctl -b -o short-monotonic --no-pager";
 
-/// Milestones of one boot, from the guest's journal (kernel messages included).
+/// [`milestones`] of a baseline's node, read as its user `kthw` with the key `id`.
+fn guest_milestones(id: &Path, ip: &str) -> Vec<(&'static str, Option<f64>)> {
+    let out = run(Command::new("ssh").arg("-i").arg(id).args([
+        "-q",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        &format!("kthw@{ip}"),
+        GUEST_LOG,
+    ]));
+    milestones(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The milestone of [`milestones`] that ends the boot.
+const FIRST_LOGIN: &str = "first login accepted";
+
+/// Milestones of one boot, seconds since the kernel started, from the guest's journal
+/// (kernel messages included).
 fn milestones(log: &str) -> Vec<(&'static str, Option<f64>)> {
-    const MARKS: &[(&str, &str)] = &[
-        ("kernel done, initrd starts", "Run /init as init process"),
-        ("root filesystem mounted", "EXT4-fs (vda): mounted"),
-        ("systemd starts", "running in system mode"),
-        ("cloud-init-local done", "Finished cloud-init-local.service"),
-        ("sysinit.target", "Reached target sysinit.target"),
-        ("cloud-init (network) done", "Finished cloud-init.service"),
-        ("eth0 configured", "eth0: Gained carrier"),
-        ("sshd listening", "Server listening on 0.0.0.0 port 22"),
-        ("first login accepted", "Accepted publickey"),
-        ("cloud-final done", "Finished cloud-final.service"),
+    // Every needle of a row must be on the line.
+    const MARKS: &[(&str, &[&str])] = &[
+        ("kernel done, initrd starts", &["Run /init as init process"]),
+        ("root filesystem mounted", &["EXT4-fs (vda", "): mounted"]),
+        ("systemd starts", &["running in system mode"]),
+        (
+            "cloud-init-local done",
+            &["Finished cloud-init-local.service"],
+        ),
+        ("sysinit.target", &["Reached target sysinit.target"]),
+        (
+            "cloud-init (network) done",
+            &["Finished cloud-init.service"],
+        ),
+        ("eth0 configured", &["eth0: Gained carrier"]),
+        ("sshd listening", &["Server listening on 0.0.0.0 port 22"]),
+        (FIRST_LOGIN, &["Accepted publickey"]),
+        ("cloud-final done", &["Finished cloud-final.service"]),
     ];
     MARKS
         .iter()
-        .map(|(name, needle)| {
-            let at = log.lines().find(|l| l.contains(needle)).and_then(|l| {
-                let l = l.trim_start();
-                let inner = l.strip_prefix('[')?.split(']').next()?;
-                inner.trim().parse::<f64>().ok()
-            });
+        .map(|(name, needles)| {
+            let at = log
+                .lines()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+                .and_then(|l| {
+                    let l = l.trim_start();
+                    let inner = l.strip_prefix('[')?.split(']').next()?;
+                    inner.trim().parse::<f64>().ok()
+                });
             (*name, at)
         })
         .collect()

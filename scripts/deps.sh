@@ -12,8 +12,11 @@ declare -A GROUPS_PKGS=(
   [test]="libvirt-daemon-system libvirt-clients libxml2-utils qemu-system-x86 qemu-utils mmdebstrap debian-archive-keyring e2fsprogs util-linux dosfstools mtools nftables iproute2 iputils-ping conntrack procps openssl openssh-server openssh-client etcd-server etcd-client tar"
   # What a lab host needs at run time.
   [lab]="libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils mmdebstrap debian-archive-keyring e2fsprogs nftables iproute2 openssh-client"
-  # Baselines the benchmarks compare against.
-  [bench]="haproxy nginx libnginx-mod-stream genisoimage"
+  # Baselines the benchmarks compare against: HAProxy and nginx beside the balancer;
+  # the tutorial way (genisoimage) and virt-lightning (a venv from PyPI built against
+  # libvirt-dev; its libvirt network needs dnsmasq; the image made disk-bootable with
+  # syslinux on a FAT partition) beside kthw-lab.
+  [bench]="haproxy nginx libnginx-mod-stream genisoimage python3-venv python3-dev dnsmasq-base fdisk dosfstools mtools syslinux syslinux-common"
 )
 
 want=()
