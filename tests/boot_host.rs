@@ -108,10 +108,13 @@ fn seed_is_a_cidata_fat_volume_with_the_rendered_files() {
     assert_eq!(
         names,
         [
+            "kthw/address",
             "kthw/authorized_keys",
             "kthw/eth0.network",
+            "kthw/gateway",
             "kthw/hostname",
             "kthw/hosts",
+            "kthw/mac",
             "kthw/resolv.conf",
             "kthw/ssh_host_ed25519_key",
             "kthw/ssh_host_ed25519_key.pub",

@@ -205,6 +205,9 @@ pub fn render_networkd(plan: &LabPlan, node: &NodePlan) -> String {
 }
 
 /// The `kthw/` files: what the image's `kthw-apply-seed` installs, one fact per file.
+/// `mac`, `address` (with its prefix) and `gateway` are what the initrd gives the NIC
+/// before systemd starts; `eth0.network` says the same to systemd-networkd, for an
+/// image that runs it.
 pub fn render_kthw_files(
     plan: &LabPlan,
     node: &NodePlan,
@@ -212,10 +215,17 @@ pub fn render_kthw_files(
 ) -> Vec<(&'static str, String)> {
     let resolv = render_resolv_conf(plan);
     let line = |s: &str| format!("{}\n", s.trim());
+    let net = &plan.network;
     vec![
         ("hostname", line(&node.name)),
         ("hosts", render_etc_hosts(plan)),
         ("resolv.conf", resolv),
+        ("mac", line(&node.mac)),
+        (
+            "address",
+            line(&format!("{}/{}", node.ip, net.subnet.prefix())),
+        ),
+        ("gateway", line(&net.gateway.to_string())),
         ("eth0.network", render_networkd(plan, node)),
         ("user", line(&plan.ssh_user)),
         ("authorized_keys", line(keys.user_public)),
