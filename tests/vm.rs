@@ -210,7 +210,7 @@ fn boot(
         .filter(|t| names.iter().any(|d| d.ends_with(&format!("-{}", t.node))))
         .collect();
     let progress = |line: &str| println!("{line}");
-    match ssh::wait_for_all(&wanted, timeout, &progress) {
+    match ssh::wait_for_all(&wanted, timeout, &progress, &|_, _| {}) {
         Ok(r) => r,
         Err(e) => {
             let log = match &e {

@@ -627,41 +627,16 @@ impl Action for DomainsPhase {
 }
 
 /// Every node accepts a real SSH login with its pinned host key. Nodes still as
-/// freshly booted get that state saved (see [`save_fresh_states`]).
-struct WaitSshPhase {
-    connect: String,
-}
-
-/// Save every node's freshly booted state as its [`FRESH_SNAPSHOT`] (memory and
-/// disk, inside its overlay), in parallel: `reset` goes back to it in seconds
-/// instead of booting again. Nodes that already have one for their current
-/// definition are left alone. A node whose state cannot be saved only costs a slower
-/// `reset` (it boots again), so that is a warning, not a failure.
+/// freshly booted get that state saved as their [`FRESH_SNAPSHOT`] (memory and disk,
+/// inside the overlay), each as soon as its login worked, while the others may still
+/// boot: `reset` goes back to it in seconds instead of booting again. Nodes that already
+/// have one for their current definition are left alone. A node whose state cannot be
+/// saved only costs a slower `reset` (it boots again), so that is a warning, not a
+/// failure.
 ///
 /// [`FRESH_SNAPSHOT`]: crate::host::libvirt::FRESH_SNAPSHOT
-fn save_fresh_states(cx: &RunCtx, connect: &str) -> Result<()> {
-    let hv = connect_hypervisor(connect)?;
-    let todo: Vec<FreshState> = fresh_states(&hv, cx.plan)?
-        .into_iter()
-        .filter(|s| !s.saved)
-        .collect();
-    on_every_node(
-        &todo,
-        |s| s.node.name.as_str(),
-        &cx.progress,
-        "saving its fresh state",
-        |s, line| {
-            use crate::host::libvirt::Hypervisor;
-            match hv.take_fresh_snapshot(&s.node.domain, &s.description) {
-                Ok(()) => line.done("fresh state saved for reset"),
-                Err(e) => line.fail(&format!(
-                    "fresh state not saved ({e}); `reset` will boot this node again"
-                )),
-            }
-            Ok(())
-        },
-    );
-    Ok(())
+struct WaitSshPhase {
+    connect: String,
 }
 
 /// A node with a domain, and its saved fresh state.
@@ -700,7 +675,7 @@ pub(crate) fn fresh_states<'p>(
     Ok(out)
 }
 
-/// Put every node back to its freshly booted state (see [`save_fresh_states`]), in
+/// Put every node back to its freshly booted state (see [`WaitSshPhase`]), in
 /// parallel. `Ok(false)` when some node has no such state for its current definition:
 /// nothing was touched, and the caller boots the nodes again instead.
 pub fn revert_to_fresh_states(
@@ -801,16 +776,51 @@ impl Action for WaitSshPhase {
             }
             cx.progress.println(msg);
         };
-        match ssh::wait_for_all(&targets, ssh_timeout(cx.plan), &report) {
+        // The nodes this run booted, and whether each already has its fresh state.
+        let fresh = if cx.guests_fresh.load(std::sync::atomic::Ordering::SeqCst) {
+            let hv = connect_hypervisor(&self.connect)?;
+            let states = fresh_states(&hv, cx.plan)?;
+            Some((hv, states))
+        } else {
+            None
+        };
+        // Per node: the outcome of saving its fresh state, when one was saved.
+        let saved: std::sync::Mutex<
+            std::collections::BTreeMap<String, std::result::Result<(), String>>,
+        > = Default::default();
+        let on_ready = |t: &ssh::SshTarget, _took: std::time::Duration| {
+            use crate::host::libvirt::Hypervisor;
+            let Some((hv, states)) = &fresh else { return };
+            let Some(s) = states.iter().find(|s| s.node.name == t.node && !s.saved) else {
+                return;
+            };
+            if let Some(l) = lines.get(&t.node) {
+                l.set("ssh login ok, saving its fresh state");
+            }
+            let r = hv
+                .take_fresh_snapshot(&s.node.domain, &s.description)
+                .map_err(|e| e.to_string());
+            saved
+                .lock()
+                .expect("fresh-state outcomes")
+                .insert(t.node.clone(), r);
+        };
+        match ssh::wait_for_all(&targets, ssh_timeout(cx.plan), &report, &on_ready) {
             Ok(times) => {
                 let mut lines = lines;
+                let saved = saved.into_inner().expect("fresh-state outcomes");
                 for (node, took) in times {
-                    if let Some(l) = lines.remove(&node) {
-                        l.done(&format!("ssh login ok after {:.0} s", took.as_secs_f64()));
+                    let Some(l) = lines.remove(&node) else {
+                        continue;
+                    };
+                    let login = format!("ssh login ok after {:.0} s", took.as_secs_f64());
+                    match saved.get(&node) {
+                        None => l.done(&login),
+                        Some(Ok(())) => l.done(&format!("{login}, fresh state saved for reset")),
+                        Some(Err(e)) => l.fail(&format!(
+                            "{login}; fresh state not saved ({e}); `reset` will boot this node again"
+                        )),
                     }
-                }
-                if cx.guests_fresh.load(std::sync::atomic::Ordering::SeqCst) {
-                    save_fresh_states(cx, &self.connect)?;
                 }
                 Ok(())
             }

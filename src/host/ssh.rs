@@ -455,15 +455,24 @@ pub fn wait_for_ssh(
 
 /// Wait for every target concurrently (one thread each). Returns each node's time to its
 /// first working login, in the order of `targets`, or the first error by that order.
+/// `on_ready` runs in a node's thread as soon as that node accepted its login, while
+/// the others may still be booting.
 pub fn wait_for_all(
     targets: &[SshTarget],
     timeout: Duration,
     progress: &(dyn Fn(&str) + Sync),
+    on_ready: &(dyn Fn(&SshTarget, Duration) + Sync),
 ) -> Result<Vec<(String, Duration)>, SshError> {
     let results: Vec<Result<Duration, SshError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = targets
             .iter()
-            .map(|t| scope.spawn(move || wait_for_ssh(t, timeout, progress)))
+            .map(|t| {
+                scope.spawn(move || {
+                    let took = wait_for_ssh(t, timeout, progress)?;
+                    on_ready(t, took);
+                    Ok(took)
+                })
+            })
             .collect();
         handles
             .into_iter()
