@@ -471,7 +471,10 @@ fn boot_virt_lightning(n: u32, dir: &Path) -> Boot {
 }
 
 /// The guest's kernel log and journal since boot, with monotonic timestamps.
-const GUEST_LOG: &str = "sudo journalctl -b -o short-monotonic --no-pager";
+/// It waits for the boot to finish first: an early sshd lets the first login in before
+/// journald has read the kernel log.
+const GUEST_LOG: &str =
+    "systemctl is-system-running --wait >/dev/null; sudo journalctl -b -o short-monotonic --no-pager";
 
 /// [`milestones`] of a baseline's node, read as its user `kthw` with the key `id`.
 fn guest_milestones(id: &Path, ip: &str) -> Vec<(&'static str, Option<f64>)> {
