@@ -473,8 +473,11 @@ fn boot_virt_lightning(n: u32, dir: &Path) -> Boot {
 /// The guest's kernel log and journal since boot, with monotonic timestamps.
 /// It waits for the boot to finish first: an early sshd lets the first login in before
 /// journald has read the kernel log.
-const GUEST_LOG: &str =
-    "systemctl is-system-running --wait >/dev/null; sudo journalctl -b -o short-monotonic --no-pager";
+/// (A poll: `systemctl is-system-running --wait` as the user hung on a node whose boot
+/// had finished.)
+const GUEST_LOG: &str = "for i in $(seq 300); do \
+     case $(systemctl is-system-running) in initializing|starting) sleep 1 ;; *) break ;; esac; \
+     done; sudo journalctl -b -o short-monotonic --no-pager";
 
 /// [`milestones`] of a baseline's node, read as its user `kthw` with the key `id`.
 fn guest_milestones(id: &Path, ip: &str) -> Vec<(&'static str, Option<f64>)> {
