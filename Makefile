@@ -54,7 +54,7 @@ unit: deps-test
 test: lint unit
 
 # Benchmarks print ratio tables against baselines run side by side in the same run.
-# bench-lab boots real VMs (inside scripts/netns-run) and takes about 10-15 minutes.
+# bench-lab boots real VMs (inside scripts/netns-run) and takes about 10-14 minutes.
 bench: bench-lb bench-lab
 
 bench-lb: deps-bench

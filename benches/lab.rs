@@ -399,36 +399,24 @@ fn boot_kthw(n: u32, dir: &Path) -> Boot {
 fn boot_baseline(n: u32, dir: &Path, image: &Path) -> Boot {
     let script = root().join("benches/baseline/tutorial-lab.sh");
     let work = dir.join(format!("baseline{n}"));
-    let (_, to_ssh) = timed(|| {
-        run(Command::new(&script)
-            .arg("up")
-            .arg(&work)
-            .arg(n.to_string())
-            .arg(image)
-            .arg(MEMORY_MIB.to_string()))
-    });
-    println!("baseline: {n} node(s) to ssh in {to_ssh:.1} s");
-    let domains: Vec<String> = (0..n).map(|i| format!("base-node-{i}")).collect();
-    let markers = if n == 1 {
-        guest_milestones(&work.join("id"), "10.250.0.11")
-    } else {
-        Vec::new()
-    };
-    let rss_mib = domains.iter().map(|d| qemu_hwm_mib(d)).collect();
-    let disk_mib = domains
-        .iter()
-        .map(|d| allocated_mib(&work.join(format!("{d}.qcow2"))))
-        .collect();
-    let (_, teardown) = timed(|| run(Command::new(&script).arg("down").arg(&work)));
-    Boot {
-        to_ssh,
-        teardown,
-        rss_mib,
-        disk_mib,
-        // The baseline takes no snapshot: nothing saved to report.
-        state_mib: Vec::new(),
-        markers,
-    }
+    let mut up = Command::new(&script);
+    up.arg("up")
+        .arg(&work)
+        .arg(n.to_string())
+        .arg(image)
+        .arg(MEMORY_MIB.to_string());
+    let mut down = Command::new(&script);
+    down.arg("down").arg(&work);
+    let disks = work.clone();
+    boot_with_script(
+        "baseline",
+        n,
+        &work,
+        ("base-node-", "10.250.0.11"),
+        up,
+        down,
+        |d| disks.join(format!("{d}.qcow2")),
+    )
 }
 
 /// virt-lightning (benches/baseline/virt-lightning.sh) bringing up `n` nodes from the
@@ -436,30 +424,50 @@ fn boot_baseline(n: u32, dir: &Path, image: &Path) -> Boot {
 fn boot_virt_lightning(n: u32, dir: &Path) -> Boot {
     let script = root().join("benches/baseline/virt-lightning.sh");
     let work = dir.join(format!("vl{n}"));
-    let (_, to_ssh) = timed(|| {
-        run(Command::new(&script)
-            .arg("up")
-            .arg(vl_venv())
-            .arg(&work)
-            .arg(n.to_string())
-            .arg(bootable_disk())
-            .arg(MEMORY_MIB.to_string()))
-    });
-    println!("virt-lightning: {n} node(s) to ssh in {to_ssh:.1} s");
-    let domains: Vec<String> = (0..n).map(|i| format!("vl-node-{i}")).collect();
+    let mut up = Command::new(&script);
+    up.arg("up")
+        .arg(vl_venv())
+        .arg(&work)
+        .arg(n.to_string())
+        .arg(bootable_disk())
+        .arg(MEMORY_MIB.to_string());
+    let mut down = Command::new(&script);
+    down.arg("down").arg(vl_venv()).arg(&work);
+    boot_with_script(
+        "virt-lightning",
+        n,
+        &work,
+        ("vl-node-", "192.168.123.11"),
+        up,
+        down,
+        |d| Path::new("/var/lib/virt-lightning/pool").join(format!("{d}-0.qcow2")),
+    )
+}
+
+/// Times a baseline script's `up` (returns once every node accepts a login), reads
+/// what it costs per node (domains `PREFIXi`, the first at `first_ip`; `disk` names a
+/// domain's overlay), then times its `down`. A baseline saves no state for a reset, so
+/// there is no saved-state size to report.
+fn boot_with_script(
+    label: &str,
+    n: u32,
+    work: &Path,
+    (prefix, first_ip): (&str, &str),
+    mut up: Command,
+    mut down: Command,
+    disk: impl Fn(&str) -> PathBuf,
+) -> Boot {
+    let (_, to_ssh) = timed(|| run(&mut up));
+    println!("{label}: {n} node(s) to ssh in {to_ssh:.1} s");
+    let domains: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
     let markers = if n == 1 {
-        guest_milestones(&work.join("id"), "192.168.123.11")
+        guest_milestones(&work.join("id"), first_ip)
     } else {
         Vec::new()
     };
     let rss_mib = domains.iter().map(|d| qemu_hwm_mib(d)).collect();
-    let disk_mib = domains
-        .iter()
-        .map(|d| {
-            allocated_mib(&Path::new("/var/lib/virt-lightning/pool").join(format!("{d}-0.qcow2")))
-        })
-        .collect();
-    let (_, teardown) = timed(|| run(Command::new(&script).arg("down").arg(vl_venv()).arg(&work)));
+    let disk_mib = domains.iter().map(|d| allocated_mib(&disk(d))).collect();
+    let (_, teardown) = timed(|| run(&mut down));
     Boot {
         to_ssh,
         teardown,

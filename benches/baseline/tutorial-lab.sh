@@ -16,6 +16,8 @@
 #
 # Run it inside scripts/netns-run (its bridge and VMs must not touch the host network).
 set -euo pipefail
+# shellcheck source=benches/baseline/poll-logins.sh
+source "$(dirname "${BASH_SOURCE[0]}")/poll-logins.sh"
 
 br=kthwbase0
 net=10.250.0
@@ -106,24 +108,9 @@ EOF
         virsh define "$work/$name.xml" >/dev/null
         virsh start "$name" >/dev/null
     done
-    local start=$SECONDS timeout=${BASELINE_TIMEOUT:-900} pids=()
-    for ((i = 0; i < n; i++)); do
-        (
-            until ssh -q -i "$work/id" -o BatchMode=yes -o StrictHostKeyChecking=no \
-                -o UserKnownHostsFile=/dev/null -o ConnectTimeout=2 "$user@$net.$((11 + i))" true 2>/dev/null; do
-                if ((SECONDS - start > timeout)); then
-                    echo "$prefix$i: no login after $timeout s; console: $work/$prefix$i.console.log" >&2
-                    exit 1
-                fi
-                sleep 1
-            done
-            echo "$prefix$i ssh $((SECONDS - start))"
-        ) &
-        pids+=($!)
-    done
-    local failed=0
-    for i in "${pids[@]}"; do wait "$i" || failed=1; done
-    return $failed
+    local start=$SECONDS
+    poll_logins "$work/id" "$user" "$net" "$n" "$prefix" "$start" "${BASELINE_TIMEOUT:-900}" \
+        "console: $work/{node}.console.log"
 }
 
 down() {

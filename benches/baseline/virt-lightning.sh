@@ -21,6 +21,8 @@
 # Run inside scripts/netns-run: its network, pool and VMs must not touch the host. The
 # pool directory is a tmpfs mounted in the namespace's own mount namespace.
 set -euo pipefail
+# shellcheck source=benches/baseline/poll-logins.sh
+source "$(dirname "${BASH_SOURCE[0]}")/poll-logins.sh"
 
 version=2.5.0
 user=kthw
@@ -78,24 +80,7 @@ EOF
         tail -n 30 "$work/vl-up.log" >&2
         return 1
     }
-    local pids=()
-    for ((i = 0; i < n; i++)); do
-        (
-            until ssh -q -i "$work/id" -o BatchMode=yes -o StrictHostKeyChecking=no \
-                -o UserKnownHostsFile=/dev/null -o ConnectTimeout=2 "$user@$net.$((11 + i))" true 2>/dev/null; do
-                if ((SECONDS - start > timeout)); then
-                    echo "vl-node-$i: no login after $timeout s" >&2
-                    exit 1
-                fi
-                sleep 1
-            done
-            echo "vl-node-$i ssh $((SECONDS - start))"
-        ) &
-        pids+=($!)
-    done
-    local failed=0
-    for i in "${pids[@]}"; do wait "$i" || failed=1; done
-    return $failed
+    poll_logins "$work/id" "$user" "$net" "$n" vl-node- "$start" "$timeout" ""
 }
 
 down() {
