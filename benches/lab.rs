@@ -185,38 +185,10 @@ fn inside() {
     if let Some(why) = &vl_skipped {
         println!("virt-lightning: not measured ({why})");
     }
-    println!(
-        "{:<6} {:>10} {:>10} {:>7} {:>10} {:>7}",
-        "nodes", "kthw-lab", "tutorial", "ratio", "virt-ltng", "ratio"
-    );
-    for (n, o, b, v) in &rows {
-        println!(
-            "{:<6} {:>8.1} s {:>8.1} s {:>7.2} {} {}",
-            n,
-            o.to_ssh,
-            b.to_ssh,
-            o.to_ssh / b.to_ssh,
-            cell(v.as_ref().map(|v| v.to_ssh), 8, 1, " s"),
-            cell(v.as_ref().map(|v| o.to_ssh / v.to_ssh), 7, 2, ""),
-        );
-    }
+    seconds_table(&rows, |b| b.to_ssh);
     println!();
     println!("teardown of the same nodes");
-    println!(
-        "{:<6} {:>10} {:>10} {:>7} {:>10} {:>7}",
-        "nodes", "kthw-lab", "tutorial", "ratio", "virt-ltng", "ratio"
-    );
-    for (n, o, b, v) in &rows {
-        println!(
-            "{:<6} {:>8.1} s {:>8.1} s {:>7.2} {} {}",
-            n,
-            o.teardown,
-            b.teardown,
-            o.teardown / b.teardown,
-            cell(v.as_ref().map(|v| v.teardown), 8, 1, " s"),
-            cell(v.as_ref().map(|v| o.teardown / v.teardown), 7, 2, ""),
-        );
-    }
+    seconds_table(&rows, |b| b.teardown);
     println!();
     println!("per node after boot: peak qemu RSS (VmHWM), MiB, and ratios kthw-lab / baseline");
     println!(
@@ -313,6 +285,27 @@ fn inside() {
             lab.reset / lab.create
         );
         println!("{:<14} {:>7.1} s", "destroy", lab.destroy);
+    }
+}
+
+/// One table of times in seconds, a row per node count: kthw-lab, the tutorial
+/// baseline, virt-lightning (when it ran), and the ratios kthw-lab / each.
+fn seconds_table(rows: &[(u32, Boot, Boot, Option<Boot>)], secs: impl Fn(&Boot) -> f64) {
+    println!(
+        "{:<6} {:>10} {:>10} {:>7} {:>10} {:>7}",
+        "nodes", "kthw-lab", "tutorial", "ratio", "virt-ltng", "ratio"
+    );
+    for (n, o, b, v) in rows {
+        let (so, sb, sv) = (secs(o), secs(b), v.as_ref().map(&secs));
+        println!(
+            "{:<6} {:>8.1} s {:>8.1} s {:>7.2} {} {}",
+            n,
+            so,
+            sb,
+            so / sb,
+            cell(sv, 8, 1, " s"),
+            cell(sv.map(|sv| so / sv), 7, 2, ""),
+        );
     }
 }
 
