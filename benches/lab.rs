@@ -185,29 +185,13 @@ fn inside() {
     if let Some(why) = &vl_skipped {
         println!("virt-lightning: not measured ({why})");
     }
-    seconds_table(&rows, |b| b.to_ssh);
+    figure_table(&rows, SECONDS, |b| b.to_ssh);
     println!();
     println!("teardown of the same nodes");
-    seconds_table(&rows, |b| b.teardown);
+    figure_table(&rows, SECONDS, |b| b.teardown);
     println!();
     println!("per node after boot: peak qemu RSS (VmHWM), MiB, and ratios kthw-lab / baseline");
-    println!(
-        "{:<6} {:>9} {:>9} {:>6} {:>9} {:>6}",
-        "nodes", "kthw-lab", "tutorial", "ratio", "virt-ltng", "ratio"
-    );
-    for (n, o, b, v) in &rows {
-        let (ro, rb) = (mean(&o.rss_mib), mean(&b.rss_mib));
-        let rv = v.as_ref().map(|v| mean(&v.rss_mib));
-        println!(
-            "{:<6} {:>9.0} {:>9.0} {:>6.2} {} {}",
-            n,
-            ro,
-            rb,
-            ro / rb,
-            cell(rv, 9, 0, ""),
-            cell(rv.map(|rv| ro / rv), 6, 2, ""),
-        );
-    }
+    figure_table(&rows, (9, 0, "", 6), |b| mean(&b.rss_mib));
     println!();
     println!("per node after boot: overlay disk allocated, MiB; kthw-lab's overlay also holds");
     println!("the node's saved fresh state (for `reset`): ratios with it, and without it (w/o)");
@@ -288,23 +272,33 @@ fn inside() {
     }
 }
 
-/// One table of times in seconds, a row per node count: kthw-lab, the tutorial
-/// baseline, virt-lightning (when it ran), and the ratios kthw-lab / each.
-fn seconds_table(rows: &[(u32, Boot, Boot, Option<Boot>)], secs: impl Fn(&Boot) -> f64) {
+/// How `figure_table` lays out a figure: its width, decimals and unit, and the width of
+/// a ratio column.
+type Layout = (usize, usize, &'static str, usize);
+const SECONDS: Layout = (8, 1, " s", 7);
+
+/// One table, a row per node count: a figure (`value` of each run) for kthw-lab, the
+/// tutorial baseline and virt-lightning (when it ran), and the ratios kthw-lab / each.
+fn figure_table(
+    rows: &[(u32, Boot, Boot, Option<Boot>)],
+    (width, decimals, unit, ratio): Layout,
+    value: impl Fn(&Boot) -> f64,
+) {
+    let head = width + unit.len();
     println!(
-        "{:<6} {:>10} {:>10} {:>7} {:>10} {:>7}",
+        "{:<6} {:>head$} {:>head$} {:>ratio$} {:>head$} {:>ratio$}",
         "nodes", "kthw-lab", "tutorial", "ratio", "virt-ltng", "ratio"
     );
     for (n, o, b, v) in rows {
-        let (so, sb, sv) = (secs(o), secs(b), v.as_ref().map(&secs));
+        let (fo, fb, fv) = (value(o), value(b), v.as_ref().map(&value));
         println!(
-            "{:<6} {:>8.1} s {:>8.1} s {:>7.2} {} {}",
+            "{:<6} {} {} {:>ratio$.2} {} {}",
             n,
-            so,
-            sb,
-            so / sb,
-            cell(sv, 8, 1, " s"),
-            cell(sv.map(|sv| so / sv), 7, 2, ""),
+            cell(Some(fo), width, decimals, unit),
+            cell(Some(fb), width, decimals, unit),
+            fo / fb,
+            cell(fv, width, decimals, unit),
+            cell(fv.map(|fv| fo / fv), ratio, 2, ""),
         );
     }
 }
@@ -400,7 +394,6 @@ fn boot_baseline(n: u32, dir: &Path, image: &Path) -> Boot {
         .arg(MEMORY_MIB.to_string());
     let mut down = Command::new(&script);
     down.arg("down").arg(&work);
-    let disks = work.clone();
     boot_with_script(
         "baseline",
         n,
@@ -408,7 +401,7 @@ fn boot_baseline(n: u32, dir: &Path, image: &Path) -> Boot {
         ("base-node-", "10.250.0.11"),
         up,
         down,
-        |d| disks.join(format!("{d}.qcow2")),
+        |d| work.join(format!("{d}.qcow2")),
     )
 }
 
