@@ -58,6 +58,7 @@ fn image_dir() -> PathBuf {
 /// Returns true when the caller is already inside and should do the work.
 fn enter(test: &str) -> bool {
     if std::env::var_os(INSIDE).is_some() {
+        support::report_panics_outward();
         return true;
     }
     if std::env::var("KTHW_VM_TESTS").as_deref() != Ok("1") {
@@ -89,8 +90,8 @@ fn enter(test: &str) -> bool {
     }
     let dir = support::shared_image();
     let exe = std::env::current_exe().unwrap();
-    let st = Command::new(repo().join("scripts/netns-run"))
-        .arg(exe)
+    let mut cmd = Command::new(repo().join("scripts/netns-run"));
+    cmd.arg(exe)
         .args([
             "--exact",
             test,
@@ -99,13 +100,8 @@ fn enter(test: &str) -> bool {
             "--test-threads=1",
         ])
         .env(INSIDE, "1")
-        .env("KTHW_IMAGE_DIR", &dir)
-        .status()
-        .expect("run scripts/netns-run");
-    assert!(
-        st.success(),
-        "{test} failed inside scripts/netns-run ({st})"
-    );
+        .env("KTHW_IMAGE_DIR", &dir);
+    support::run_inside(cmd, test);
     false
 }
 

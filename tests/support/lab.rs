@@ -18,6 +18,7 @@ pub const INSIDE: &str = "KTHW_E2E_INSIDE";
 /// caller is inside and should do the work.
 pub fn enter(test: &str) -> bool {
     if std::env::var_os(INSIDE).is_some() {
+        super::report_panics_outward();
         return true;
     }
     if std::env::var("KTHW_VM_TESTS").as_deref() != Ok("1") {
@@ -25,17 +26,12 @@ pub fn enter(test: &str) -> bool {
         return false;
     }
     let image = super::shared_image();
-    let st = Command::new(root().join("scripts/netns-run"))
-        .arg(std::env::current_exe().unwrap())
+    let mut cmd = Command::new(root().join("scripts/netns-run"));
+    cmd.arg(std::env::current_exe().unwrap())
         .args(["--exact", test, "--nocapture"])
         .env(INSIDE, "1")
-        .env("KTHW_E2E_CACHE", image.parent().unwrap().parent().unwrap())
-        .status()
-        .expect("run scripts/netns-run");
-    assert!(
-        st.success(),
-        "{test} failed inside scripts/netns-run ({st})"
-    );
+        .env("KTHW_E2E_CACHE", image.parent().unwrap().parent().unwrap());
+    super::run_inside(cmd, test);
     false
 }
 

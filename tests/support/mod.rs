@@ -117,6 +117,55 @@ pub fn shared_image() -> PathBuf {
     img.dir
 }
 
+/// Where the copy of a test that runs inside `scripts/netns-run` writes its panic, so
+/// the test outside fails with that message and not only "failed inside": the inner
+/// output is thousands of lines, and a CI excerpt shows only its head and tail.
+const PANIC_FILE: &str = "KTHW_E2E_PANIC_FILE";
+
+/// Inside netns-run: write every panic to the file the test outside reads, too.
+pub fn report_panics_outward() {
+    let Some(path) = std::env::var_os(PANIC_FILE) else {
+        return;
+    };
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+        {
+            let _ = writeln!(f, "{info}");
+        }
+        prev(info);
+    }));
+}
+
+/// Outside: run `cmd` (netns-run with one test inside) and fail with what made the
+/// test inside panic.
+pub fn run_inside(mut cmd: Command, test: &str) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let st = cmd
+        .env(PANIC_FILE, file.path())
+        .status()
+        .expect("run scripts/netns-run");
+    if st.success() {
+        return;
+    }
+    let why = std::fs::read_to_string(file.path()).unwrap_or_default();
+    let why = why.trim();
+    const KEEP: usize = 4000;
+    let why = match why.char_indices().nth(KEEP) {
+        Some((at, _)) => format!("{} [... cut at {KEEP} characters]", &why[..at]),
+        None if why.is_empty() => "no panic reported; see the output above".to_string(),
+        None => why.to_string(),
+    };
+    // Printed last, with no backtrace of this outer frame after it: the tail of a CI
+    // log then ends on the reason.
+    eprintln!("{test} failed inside scripts/netns-run ({st}):\n{why}");
+    std::panic::resume_unwind(Box::new(format!("{test} failed: {why}")));
+}
+
 /// Compare `actual` with the golden file `tests/golden/<rel>`; `UPDATE_GOLDEN=1`
 /// rewrites it (review the diff).
 pub fn golden(rel: &str, actual: &str) {
