@@ -6,10 +6,11 @@
 //! `network` to `runtime`, in pipeline order:
 //! - **kill**: a real SIGKILL inside P. For the phases that last seconds (wait-ssh,
 //!   etcd, routes, runtime) the test sends it while `create` runs, a short delay after
-//!   the progress output shows `==> P`; the phases that last milliseconds kill
-//!   themselves through the hook `KTHW_LAB_INJECT_FAULT=P:kill` right after their
-//!   work (a timer cannot hit them reliably). Either way the journal must show P
-//!   still `running`;
+//!   the progress output shows `==> P` or one of P's lines (in wait-ssh: while
+//!   libvirt saves the fresh state of the first node to log in); the phases that last
+//!   milliseconds kill themselves through the hook `KTHW_LAB_INJECT_FAULT=P:kill`
+//!   right after their work (a timer cannot hit them reliably). Either way the journal
+//!   must show P still `running`;
 //! - **failing step**: `create` with the test hook `KTHW_LAB_INJECT_FAULT=P`, which
 //!   fails P after its work is done and before the journal records it. This run must
 //!   first converge through everything the kill left half-done: every phase before P
@@ -62,15 +63,20 @@ const UNTIL: &str = "runtime";
 ///   before the journal records it: the worst moment, every time;
 /// - `Some((line, ms))`: the test sends the SIGKILL `ms` after the progress output
 ///   shows `==> PHASE` and then `line` (when given), while the phase waits on the VMs
-///   (wait-ssh: seconds of boot left; etcd, routes, runtime: their SSH work started,
-///   which takes 3-10 s on a quiet host and more under load).
+///   (wait-ssh: libvirt saving the fresh state of the first node that logged in, which
+///   takes seconds, with the other node perhaps still booting: a fixed delay after
+///   `==>` would land after the phase on a quick boot; etcd, routes, runtime: their
+///   SSH work started, which takes 3-10 s on a quiet host and more under load).
 type KillPoint = (&'static str, Option<(Option<&'static str>, u64)>);
 const KILLS: [KillPoint; 10] = [
     ("network", None),
     ("image", None),
     ("disks", None),
     ("domains", None),
-    ("wait-ssh", Some((None, 10_000))),
+    (
+        "wait-ssh",
+        Some((Some(": ssh login ok, saving its fresh state"), 300)),
+    ),
     ("pki", None),
     ("lb", None),
     ("etcd", Some((None, 2_000))),
