@@ -40,11 +40,11 @@ fn plan_2m2w() -> LabPlan {
 fn systemd_commands_restart_only_when_something_changed() {
     assert_eq!(
         systemd_apply_cmd(&["kubelet", "kube-proxy"], false, false),
-        "if systemctl show -p NeedDaemonReload --value kubelet kube-proxy | grep -qx yes; then systemctl daemon-reload; fi && { systemctl is-enabled --quiet kubelet kube-proxy || systemctl --no-reload enable kubelet kube-proxy; } && systemctl start kubelet kube-proxy"
+        "if systemctl show -p NeedDaemonReload --value kubelet kube-proxy | grep -qx yes; then systemctl daemon-reload; fi && { SYSTEMCTL_SKIP_SYSV=1 systemctl is-enabled --quiet kubelet kube-proxy || SYSTEMCTL_SKIP_SYSV=1 systemctl --no-reload enable kubelet kube-proxy; } && systemctl start kubelet kube-proxy"
     );
     assert_eq!(
         systemd_apply_cmd(&["etcd"], true, true),
-        "systemctl daemon-reload && { systemctl is-enabled --quiet etcd || systemctl --no-reload enable etcd; } && systemctl --no-block restart etcd"
+        "systemctl daemon-reload && { SYSTEMCTL_SKIP_SYSV=1 systemctl is-enabled --quiet etcd || SYSTEMCTL_SKIP_SYSV=1 systemctl --no-reload enable etcd; } && systemctl --no-block restart etcd"
     );
     let units = ["etcd", "kube-apiserver", "kube-scheduler"];
     assert_eq!(

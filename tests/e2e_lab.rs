@@ -80,6 +80,15 @@ fn create_until_runtime_converges_and_destroy_leaves_nothing() {
     assert_eq!(ssh(&state, "w1", "hostname").trim(), "w1");
     assert!(ssh(&state, "c2", "sudo systemctl is-active etcd").contains("active"));
     assert!(ssh(&state, "w2", "sudo systemctl is-active containerd").contains("active"));
+    // Enabled too, so they come back after a reboot (etcd's SysV script is left alone).
+    assert_eq!(
+        ssh(&state, "c2", "systemctl is-enabled etcd").trim(),
+        "enabled"
+    );
+    assert_eq!(
+        ssh(&state, "w2", "systemctl is-enabled containerd").trim(),
+        "enabled"
+    );
     assert!(ssh(&state, "w1", "sudo cat /etc/cni/net.d/10-bridge.conf").contains("10.241.0.0/24"));
 
     // etcd: one cluster of two members, healthy over TLS.

@@ -275,10 +275,14 @@ pub fn systemd_apply_cmd(units: &[&str], changed: bool, no_block: bool) -> Strin
             "if systemctl show -p NeedDaemonReload --value {list} | grep -qx yes; then systemctl daemon-reload; fi"
         )
     };
-    // `enable` of a unit that also has a SysV script runs update-rc.d (Perl, seconds
-    // under emulation) even when nothing changes: only when not enabled yet.
+    // `enable` of a unit that also has a SysV script (Debian's etcd has one) runs
+    // update-rc.d through systemd-sysv-install: Perl, about 6 s on an idle TCG guest
+    // and over a minute on a loaded one, for rc.d links that systemd never reads (a
+    // native unit of the same name hides the script). SYSTEMCTL_SKIP_SYSV=1 skips that
+    // hook: 0.2 s. And only when not enabled yet.
+    let sc = "SYSTEMCTL_SKIP_SYSV=1 systemctl";
     format!(
-        "{reload} && {{ systemctl is-enabled --quiet {list} || systemctl --no-reload enable {list}; }} && systemctl{nb} {action} {list}"
+        "{reload} && {{ {sc} is-enabled --quiet {list} || {sc} --no-reload enable {list}; }} && systemctl{nb} {action} {list}"
     )
 }
 

@@ -77,7 +77,7 @@ impl SshError {
                 path.parent().unwrap_or(Path::new("/")).display()
             ),
             SshError::Timeout { console_log, .. } => format!(
-                "look at the console log {}; under TCG a first boot takes 60-170 s",
+                "look at the console log {}; under TCG a first boot takes 10-60 s, more on a loaded host",
                 console_log.display()
             ),
             SshError::HostKeyMismatch { addr, .. } => format!(
