@@ -137,7 +137,30 @@ fn timeout_names_the_node_and_its_console_log() {
     let msg = err.to_string();
     assert!(msg.starts_with("m1: no ssh login after "), "{msg}");
     assert!(msg.contains("connect"), "{msg}");
+    assert!(!msg.contains("console log ends"), "no log yet: {msg}");
     let hint = err.hint();
     assert!(hint.contains(&console.display().to_string()), "{hint}");
     assert!(hint.contains("TCG"), "{hint}");
+
+    // With a console log, the error ends with its last lines, terminal escapes and
+    // carriage returns dropped.
+    std::fs::create_dir_all(console.parent().unwrap()).unwrap();
+    let mut log: String = (1..=20).map(|i| format!("boot line {i}\r\n")).collect();
+    log.push_str(
+        "\u{1b}[0;1mKernel panic\u{1b}[0m - not syncing: VFS: unable to mount root fs\r\n\n",
+    );
+    std::fs::write(&console, log).unwrap();
+    let msg = wait_for_ssh(&t, Duration::from_secs(1), &progress)
+        .unwrap_err()
+        .to_string();
+    let (_, tail) = msg
+        .split_once("\nthe console log ends with:\n")
+        .unwrap_or_else(|| panic!("no console tail: {msg}"));
+    let tail: Vec<&str> = tail.lines().map(str::trim).collect();
+    assert_eq!(tail.len(), 12, "{msg}");
+    assert_eq!(tail[0], "boot line 10");
+    assert_eq!(
+        tail[11],
+        "Kernel panic - not syncing: VFS: unable to mount root fs"
+    );
 }

@@ -39,13 +39,13 @@ pub enum SshError {
         #[source]
         source: ssh_key::Error,
     },
-    #[error("{node}: no ssh login after {} s ({addr}); last attempt: {last_error}", waited.as_secs())]
+    #[error("{node}: no ssh login after {} s ({addr}); last attempt: {last_error}{console}", waited.as_secs())]
     Timeout {
         node: String,
         addr: SocketAddr,
         waited: Duration,
         last_error: String,
-        console_log: PathBuf,
+        console: Box<Console>,
     },
     #[error("{node}: host key mismatch at {addr}: expected {expected}, got {got}")]
     HostKeyMismatch {
@@ -76,9 +76,9 @@ impl SshError {
                 "the lab's ssh keys live in {}; remove a damaged key only together with the lab (kthw-lab destroy), since nodes pin them",
                 path.parent().unwrap_or(Path::new("/")).display()
             ),
-            SshError::Timeout { console_log, .. } => format!(
+            SshError::Timeout { console, .. } => format!(
                 "look at the console log {}; under TCG a first boot takes 10-60 s, more on a loaded host",
-                console_log.display()
+                console.log.display()
             ),
             SshError::HostKeyMismatch { addr, .. } => format!(
                 "something else answers at {addr}, or the node was not booted from this lab's seed: check for another lab on the same subnet"
@@ -367,6 +367,71 @@ fn exec_raw(s: &ssh2::Session, command: &str) -> Result<(i32, String, String), S
     Ok((status, out, err))
 }
 
+/// How many console lines a boot timeout shows.
+const CONSOLE_TAIL_LINES: usize = 12;
+
+/// A node's console log and its last lines when it did not come up: where its boot
+/// stopped, in the error itself.
+#[derive(Debug)]
+pub struct Console {
+    pub log: PathBuf,
+    /// Its last non-blank lines; empty when the log is missing or blank. Terminal
+    /// escapes (`ESC [ ... final`) and other control characters of the guest's console
+    /// (carriage returns) are dropped.
+    pub tail: Vec<String>,
+}
+
+impl Console {
+    fn read(log: &Path) -> Console {
+        let text = std::fs::read(log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let lines: Vec<String> = text
+            .lines()
+            .map(printable)
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        Console {
+            log: log.to_path_buf(),
+            tail: lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].to_vec(),
+        }
+    }
+}
+
+/// A block that starts on a new line, or nothing.
+impl std::fmt::Display for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.tail.is_empty() {
+            return Ok(());
+        }
+        write!(
+            f,
+            "\nthe console log ends with:\n  {}",
+            self.tail.join("\n  ")
+        )
+    }
+}
+
+fn printable(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.next_if_eq(&'[').is_some() {
+                // Parameters and intermediates, up to the final byte.
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+        } else if !c.is_control() {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.trim_end().lines().collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
@@ -423,7 +488,7 @@ pub fn wait_for_ssh(
                 addr: t.addr,
                 waited: start.elapsed(),
                 last_error,
-                console_log: t.console_log.clone(),
+                console: Box::new(Console::read(&t.console_log)),
             });
         }
         let io = remaining.clamp(Duration::from_millis(200), Duration::from_secs(10));

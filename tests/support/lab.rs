@@ -60,27 +60,7 @@ pub fn kthw_env(state: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
         text(&o.stdout),
         text(&o.stderr)
     );
-    dump_console_named_in(&text(&o.stderr));
     o
-}
-
-/// A node that never logged in: the tail of the console log its hint names, before
-/// the test's temporary state dir is gone with the failure.
-fn dump_console_named_in(stderr: &str) {
-    let Some(rest) = stderr.split("look at the console log ").nth(1) else {
-        return;
-    };
-    let path = rest.split(';').next().unwrap_or_default().trim();
-    match std::fs::read_to_string(path) {
-        Ok(log) => {
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!(
-                "--- the last lines of {path}:\n{}",
-                lines[lines.len().saturating_sub(80)..].join("\n")
-            );
-        }
-        Err(e) => eprintln!("--- {path}: {e}"),
-    }
 }
 
 pub fn kthw_cmd(state: &Path, args: &[&str]) -> Command {
