@@ -5,8 +5,9 @@
 set -euo pipefail
 
 declare -A GROUPS_PKGS=(
-  # Compile the tool: libvirt bindings, libssh2/openssl for ssh2, a C toolchain.
-  [build]="build-essential pkg-config libvirt-dev libssl-dev libssh2-1-dev cmake"
+  # Compile the tool: libvirt bindings, libssh2/openssl for ssh2, a C toolchain,
+  # protoc and its well-known types for the etcd client's gRPC code.
+  [build]="build-essential pkg-config libvirt-dev libssl-dev libssh2-1-dev cmake protobuf-compiler libprotobuf-dev"
   # Everything the tests drive for real: libvirt + qemu (TCG), image building,
   # seed inspection, netlink/nft in namespaces, TLS/kubeconfig checks, etcd, LB baselines.
   [test]="libvirt-daemon-system libvirt-clients libxml2-utils qemu-system-x86 qemu-utils mmdebstrap debian-archive-keyring e2fsprogs util-linux dosfstools mtools nftables iproute2 iputils-ping conntrack procps openssl openssh-server openssh-client etcd-server etcd-client tar"

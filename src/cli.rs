@@ -148,6 +148,16 @@ pub enum Command {
         #[command(subcommand)]
         command: LbCommand,
     },
+    /// Whole-lab checkpoints: every node's memory and disk saved at one instant
+    Checkpoint {
+        #[command(subcommand)]
+        command: CheckpointCommand,
+    },
+    /// Experiments: scripted faults, probes on a timeline, reports that compare runs
+    Experiment {
+        #[command(subcommand)]
+        command: ExperimentCommand,
+    },
     /// Cloud images: list, download, build the offline image, verify
     Image {
         #[command(subcommand)]
@@ -182,6 +192,70 @@ pub enum LbCommand {
         lab: String,
         #[arg(long, short, value_enum, default_value_t = StatusOutput::Table)]
         output: StatusOutput,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CheckpointCommand {
+    /// Pause every node, save each one's memory and disk, resume them all
+    Save {
+        lab: String,
+        name: String,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Put every node back to a checkpoint (the host side converged first)
+    Restore {
+        lab: String,
+        name: String,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// The lab's checkpoints, with their phase, disk use and whether they can be restored
+    List {
+        lab: String,
+        #[arg(long, short, value_enum, default_value_t = StatusOutput::Table)]
+        output: StatusOutput,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Delete a checkpoint's snapshots and its record
+    Delete {
+        lab: String,
+        name: String,
+        #[command(flatten)]
+        connect: Connect,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExperimentCommand {
+    /// Run an experiment file against a lab; writes a report (JSON, SVG, summary)
+    Run {
+        lab: String,
+        /// Experiment file, e.g. experiments/etcd-member-down.yaml
+        file: PathBuf,
+        /// json: print the report JSON on stdout (the summary still goes to stderr)
+        #[arg(long, short, value_enum, default_value_t = StatusOutput::Table)]
+        output: StatusOutput,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// The shipped experiments
+    List,
+    /// A past run's summary: a run id (see the lab's `experiments/`) or a report path
+    Show {
+        run: String,
+        #[arg(long, short, value_enum, default_value_t = StatusOutput::Table)]
+        output: StatusOutput,
+    },
+    /// Two runs side by side
+    Compare { a: String, b: String },
+    /// Undo every fault an experiment left in force on a lab (after a kill, say)
+    Clean {
+        lab: String,
+        #[command(flatten)]
+        connect: Connect,
     },
 }
 

@@ -73,6 +73,8 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         },
         Command::Image { command } => cmd_image(command, &state_dir),
+        Command::Checkpoint { command } => cmd_checkpoint(command, &state_dir),
+        Command::Experiment { command } => cmd_experiment(command, &state_dir),
         Command::Certs {
             command: crate::cli::CertsCommand::Check { lab, output },
         } => cmd_certs_check(&lab, output, &state_dir),
@@ -143,6 +145,12 @@ fn plan_identity(plan: &crate::plan::LabPlan) -> String {
     p.scenario_sha256.clear();
     p.description = None;
     p.to_json()
+}
+
+/// The sha256 of the plan's identity: what the journal and checkpoints are
+/// recorded against.
+pub fn plan_sha(plan: &crate::plan::LabPlan) -> String {
+    sha256_hex(&plan_identity(plan))
 }
 
 fn sha256_hex(s: &str) -> String {
@@ -838,4 +846,234 @@ fn cmd_reset(lab: &str, connect: &str, state_dir: &Path) -> Result<()> {
         },
     );
     Ok(())
+}
+
+fn cmd_checkpoint(command: crate::cli::CheckpointCommand, state_dir: &Path) -> Result<()> {
+    use crate::actions::checkpoint;
+    use crate::cli::CheckpointCommand as C;
+    match command {
+        C::Save { lab, name, connect } => {
+            let plan = saved_plan(state_dir, &lab)?;
+            let progress = Progress::new();
+            progress.println(&format!("saving checkpoint `{name}` of lab `{lab}`"));
+            let t0 = std::time::Instant::now();
+            let cp = checkpoint::save(&plan, &plan_sha(&plan), &connect.connect, &name, &progress)?;
+            eprintln!(
+                "checkpoint `{name}` saved in {:.1} s (nodes paused {:.1} s, {:.0} MiB on disk, at phase `{}`); `kthw-lab checkpoint restore {lab} {name}` goes back to it",
+                t0.elapsed().as_secs_f64(),
+                cp.paused_s,
+                cp.disk_bytes() as f64 / (1024.0 * 1024.0),
+                cp.phase().map(|p| p.name()).unwrap_or("-")
+            );
+            Ok(())
+        }
+        C::Restore { lab, name, connect } => {
+            let plan = saved_plan(state_dir, &lab)?;
+            let opts = phase_options(&connect.connect, state_dir);
+            let progress = Progress::new();
+            progress.println(&format!("restoring checkpoint `{name}` of lab `{lab}`"));
+            let r = checkpoint::restore(&plan, &plan_sha(&plan), &opts, &name, &progress)?;
+            let rows = vec![
+                vec!["STEP".to_string(), "TIME".into()],
+                vec!["host side".into(), format!("{:.1} s", r.host_s)],
+                vec!["nodes reverted".into(), format!("{:.1} s", r.revert_s)],
+                vec!["clocks + ssh".into(), format!("{:.1} s", r.clocks_s)],
+                vec!["total".into(), format!("{:.1} s", r.total_s)],
+            ];
+            eprint!("\n{}", crate::plan::rows_to_text(&rows));
+            eprintln!("lab `{lab}` is back at checkpoint `{name}`");
+            Ok(())
+        }
+        C::List {
+            lab,
+            output,
+            connect,
+        } => {
+            let plan = saved_plan(state_dir, &lab)?;
+            let rows = checkpoint::rows(&plan, &plan_sha(&plan), &connect.connect)?;
+            emit(output, &rows, |r| checkpoint::render_rows(r));
+            Ok(())
+        }
+        C::Delete { lab, name, connect } => {
+            let plan = saved_plan(state_dir, &lab)?;
+            let nodes = checkpoint::delete(&plan, &connect.connect, &name)?;
+            eprintln!(
+                "checkpoint `{name}` deleted ({} node snapshot(s))",
+                nodes.len()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// A report by run id (searched under every lab) or by path (a report.json or its
+/// directory).
+fn find_report(run: &str, state_dir: &Path) -> Result<(PathBuf, crate::experiment::Report)> {
+    let p = Path::new(run);
+    let mut candidates = vec![p.to_path_buf(), p.join("report.json")];
+    for lab in crate::state::lab_names(state_dir).unwrap_or_default() {
+        candidates.push(
+            crate::plan::LabPaths::new(state_dir, &lab)
+                .root
+                .join("experiments")
+                .join(run)
+                .join("report.json"),
+        );
+    }
+    let Some(path) = candidates.into_iter().find(|c| c.is_file()) else {
+        return Err(Error::Other {
+            what: format!("no experiment report `{run}`"),
+            hint: Some(format!(
+                "give a run id (the directories under {}/labs/LAB/experiments) or a report.json path",
+                state_dir.display()
+            )),
+            source: None,
+        });
+    };
+    let bytes = std::fs::read(&path)
+        .map_err(|e| Error::with_source(format!("cannot read {}", path.display()), e))?;
+    let rep = serde_json::from_slice(&bytes).map_err(|e| {
+        Error::with_source(format!("{} is not an experiment report", path.display()), e)
+    })?;
+    Ok((path, rep))
+}
+
+fn cmd_experiment(command: crate::cli::ExperimentCommand, state_dir: &Path) -> Result<()> {
+    use crate::cli::ExperimentCommand as C;
+    use crate::experiment;
+    match command {
+        C::List => {
+            let mut rows = vec![vec![
+                "NAME".to_string(),
+                "NEEDS".into(),
+                "DURATION".into(),
+                "DESCRIPTION".into(),
+            ]];
+            for (name, text) in experiment::SHIPPED {
+                let e = experiment::load_str(text, name).map_err(|e| {
+                    Error::other(format!("shipped experiment `{name}` is invalid: {e}"))
+                })?;
+                rows.push(vec![
+                    name.to_string(),
+                    format!(
+                        "{}, {}+ controllers{}",
+                        e.requires.phase,
+                        e.requires.controllers,
+                        if e.requires.workers > 0 {
+                            format!(", {}+ workers", e.requires.workers)
+                        } else {
+                            String::new()
+                        }
+                    ),
+                    format!("{:.0} s", e.duration.0),
+                    e.description.clone(),
+                ]);
+            }
+            let _ = std::io::stdout()
+                .lock()
+                .write_all(crate::plan::rows_to_text(&rows).as_bytes());
+            Ok(())
+        }
+        C::Show { run, output } => {
+            let (path, rep) = find_report(&run, state_dir)?;
+            match output {
+                StatusOutput::Json => emit(output, &rep, |_| String::new()),
+                StatusOutput::Table => {
+                    let mut text = crate::experiment::report::summary(&rep);
+                    text.push_str(&format!("\nreport: {}\n", path.display()));
+                    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+                }
+            }
+            Ok(())
+        }
+        C::Compare { a, b } => {
+            let (_, ra) = find_report(&a, state_dir)?;
+            let (_, rb) = find_report(&b, state_dir)?;
+            let _ = std::io::stdout()
+                .lock()
+                .write_all(crate::experiment::report::compare(&ra, &rb).as_bytes());
+            Ok(())
+        }
+        C::Clean { lab, connect } => {
+            let plan = saved_plan(state_dir, &lab)?;
+            let hv = actions::phases::connect_hypervisor(&connect.connect)?;
+            let remote = actions::phases::lab_remote(&plan)?;
+            let r = crate::faults::clear(
+                &plan,
+                &hv,
+                Some(&remote),
+                std::time::Duration::from_secs(120),
+            );
+            for u in &r.undone {
+                eprintln!("undone: {u}");
+            }
+            if !r.failed.is_empty() {
+                return Err(Error::Other {
+                    what: format!("could not undo: {}", r.failed.join("; ")),
+                    hint: Some(format!("`kthw-lab status {lab}` shows the lab")),
+                    source: None,
+                });
+            }
+            if r.undone.is_empty() {
+                eprintln!("no fault was in force on lab `{lab}`");
+            }
+            Ok(())
+        }
+        C::Run {
+            lab,
+            file,
+            output,
+            connect,
+        } => {
+            let (label, text) = experiment::read(&file).map_err(|e| Error::Other {
+                what: format!("cannot read experiment {}", file.display()),
+                hint: Some(format!(
+                    "give an experiment file, or the name of a shipped one ({})",
+                    experiment::SHIPPED
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+                source: Some(Box::new(e)),
+            })?;
+            let exp = experiment::load_str(&text, &label).map_err(|e| {
+                Error::Scenario(crate::scenario::ScenarioError {
+                    file: e.file,
+                    diagnostics: e.diagnostics,
+                })
+            })?;
+            let plan = saved_plan(state_dir, &lab)?;
+            let opts = phase_options(&connect.connect, state_dir);
+            let progress = Progress::new();
+            let cancel = Cancel::new();
+            cancel
+                .install_signal_handlers()
+                .map_err(|e| Error::with_source("cannot install the Ctrl-C handler", e))?;
+            let sha = plan_sha(&plan);
+            let (rep, result) = experiment::run::run(
+                &exp,
+                experiment::run::RunInput {
+                    plan: &plan,
+                    plan_sha256: &sha,
+                    opts: &opts,
+                    file_label: &label,
+                    file_text: &text,
+                    progress: progress.clone(),
+                    cancel,
+                },
+            );
+            if let Some(rep) = &rep {
+                eprint!("\n{}", crate::experiment::report::summary(rep));
+                eprintln!(
+                    "\nreport: {}",
+                    experiment::run::report_dir(&plan, &rep.manifest.run_id).display()
+                );
+                if output == StatusOutput::Json {
+                    emit(output, rep, |_| String::new());
+                }
+            }
+            result
+        }
+    }
 }

@@ -9,6 +9,8 @@ pub mod cli;
 pub mod commands;
 pub mod components;
 pub mod error;
+pub mod experiment;
+pub mod faults;
 pub mod host;
 pub mod kube;
 pub mod lb;

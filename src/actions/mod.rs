@@ -2,6 +2,7 @@
 //! recording progress in the journal so an interrupted run resumes where it stood.
 
 pub mod bootstrap;
+pub mod checkpoint;
 pub mod journal;
 pub mod phase;
 pub mod phases;

@@ -39,6 +39,25 @@ pub fn start_actions(opts: &PhaseOptions, with_lb: bool) -> Vec<Box<dyn Action>>
     v
 }
 
+/// The host's side of a lab as its journal says it was built: the bridge, NAT and
+/// forwarding always; the host's pod routes once `routes` ran; the balancer once
+/// `lb` ran. What a checkpoint restore converges before it wakes the nodes.
+pub fn ensure_host_side(cx: &RunCtx, opts: &PhaseOptions, journal: &super::Journal) -> Result<()> {
+    NetworkPhase {
+        net: LinuxNet::new(&opts.state_dir),
+    }
+    .run(cx)?;
+    if journal.is_done(Phase::Routes) {
+        LinuxNet::new(&opts.state_dir)
+            .ensure_pod_routes(&NetworkSpec::from_plan(cx.plan))
+            .map_err(net_error)?;
+    }
+    if journal.is_done(Phase::Lb) {
+        LbPhase.run(cx)?;
+    }
+    Ok(())
+}
+
 /// Remove a lab's domains with their overlays and seeds (keys, certificates and
 /// the network stay): what `reset` starts from.
 pub fn remove_domains(plan: &LabPlan, connect: &str) -> Result<Vec<String>> {
@@ -50,7 +69,7 @@ pub fn remove_domains(plan: &LabPlan, connect: &str) -> Result<Vec<String>> {
 
 /// Run `f` for every item at once (one thread each), with a progress line per item
 /// (named by `name`) that starts as `doing` and that `f` finishes. Results in order.
-fn on_every_node<T, N, F>(
+pub(crate) fn on_every_node<T, N, F>(
     items: &[T],
     name: N,
     progress: &super::Progress,
@@ -268,6 +287,7 @@ impl Action for ImagePhase {
 /// Everything that removes a lab's things, consumers first.
 pub fn removers(opts: &PhaseOptions) -> Vec<Box<dyn Remover>> {
     vec![
+        Box::new(FaultsRemover),
         Box::new(LbRemover {
             state_dir: opts.state_dir.clone(),
         }),
@@ -457,6 +477,50 @@ pub fn lb_processes(lab: &str) -> Vec<u32> {
     out
 }
 
+/// Faults an experiment left in force that outlive the domains: the partition
+/// table on the host (delays go with the tap devices, paused nodes with the
+/// domains, the record with the state dir).
+struct FaultsRemover;
+
+fn partition_table_of(lab: &str, plan: Option<&LabPlan>) -> String {
+    match plan {
+        Some(p) => crate::faults::partition_table(p),
+        None => format!("kthw_{}_faults", lab.replace('-', "_")),
+    }
+}
+
+impl Remover for FaultsRemover {
+    fn what(&self) -> &'static str {
+        "experiment faults"
+    }
+
+    fn remove(&self, lab: &str, plan: Option<&LabPlan>) -> Result<Vec<String>> {
+        let table = partition_table_of(lab, plan);
+        match crate::faults::remove_partition_table(&table) {
+            Ok(true) => Ok(vec![format!("partition table {table}")]),
+            Ok(false) => Ok(Vec::new()),
+            Err(e) => Err(provision(
+                format!("the partition table {table}"),
+                e.hint(),
+                e,
+            )),
+        }
+    }
+
+    fn residue(&self, lab: &str, plan: Option<&LabPlan>) -> Result<Vec<String>> {
+        let table = partition_table_of(lab, plan);
+        match crate::faults::partition_table_exists(&table) {
+            Ok(true) => Ok(vec![format!("nft table bridge {table}")]),
+            Ok(false) => Ok(Vec::new()),
+            Err(e) => Err(provision(
+                format!("the partition table {table}"),
+                e.hint(),
+                e,
+            )),
+        }
+    }
+}
+
 struct LbRemover {
     state_dir: PathBuf,
 }
@@ -498,7 +562,7 @@ impl Remover for LbRemover {
 }
 
 /// Map a module error with a `hint()` into a provisioning error.
-fn provision<E: std::error::Error + Send + Sync + 'static>(
+pub(crate) fn provision<E: std::error::Error + Send + Sync + 'static>(
     what: String,
     hint: String,
     e: E,
@@ -510,7 +574,7 @@ fn provision<E: std::error::Error + Send + Sync + 'static>(
     }
 }
 
-fn connect_hypervisor(uri: &str) -> Result<crate::host::libvirt::Libvirt> {
+pub(crate) fn connect_hypervisor(uri: &str) -> Result<crate::host::libvirt::Libvirt> {
     crate::host::libvirt::Libvirt::connect(Some(uri))
         .map_err(|e| provision(format!("cannot reach libvirt at {uri}"), e.hint(), e))
 }

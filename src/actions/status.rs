@@ -46,6 +46,10 @@ pub struct LabStatus {
     pub lb: Option<Vec<(String, bool)>>,
     /// The Kubernetes API through the load balancer and the nodes it knows.
     pub kubernetes: KubeStatus,
+    /// Faults an experiment (or a killed checkpoint save) left in force.
+    pub faults: Vec<String>,
+    /// The lab's checkpoints, by name.
+    pub checkpoints: Vec<String>,
 }
 
 /// What the API says, asked from this host through the load balancer as the admin.
@@ -199,6 +203,7 @@ impl LabStatus {
                 && n.error.is_none()
         }) && self.etcd_healthy != Some(false)
             && self.kubernetes.ok()
+            && self.faults.is_empty()
     }
 }
 
@@ -361,6 +366,12 @@ pub fn collect(plan: &LabPlan, journal: &Journal, connect: &str) -> LabStatus {
         etcd_unhealthy_endpoints: etcd_unhealthy,
         lb,
         kubernetes: kube_status(plan, journal),
+        faults: crate::faults::observe(plan, hv.as_ref().map(|h| h as &dyn Hypervisor)),
+        checkpoints: super::checkpoint::list(plan)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| c.name)
+            .collect(),
     }
 }
 
@@ -427,6 +438,16 @@ pub fn render_table(s: &LabStatus) -> String {
     }
     out.push_str(&render_kube(&s.kubernetes));
     out.push_str(&render_reset(&s.nodes));
+    if !s.checkpoints.is_empty() {
+        out.push_str(&format!("checkpoints: {}\n", s.checkpoints.join(", ")));
+    }
+    if !s.faults.is_empty() {
+        out.push_str(&format!(
+            "FAULTS IN FORCE: {}; `kthw-lab experiment clean {}` undoes them\n",
+            s.faults.join("; "),
+            s.lab
+        ));
+    }
     for n in s.nodes.iter().filter(|n| n.error.is_some()) {
         out.push_str(&format!(
             "{}: {}\n",

@@ -116,14 +116,48 @@ pub trait Hypervisor: Send + Sync {
     /// Ask the guest to power off (ACPI), and force it off after `grace`; fine when
     /// it is not running. Returns whether the guest went down by itself.
     fn shutdown(&self, name: &str, grace: std::time::Duration) -> Result<bool, HypervisorError>;
+    /// Freeze the guest's vCPUs where they are; fine when it is already paused.
+    fn suspend(&self, name: &str) -> Result<(), HypervisorError>;
+    /// Let a paused guest run again; fine when it runs.
+    fn resume(&self, name: &str) -> Result<(), HypervisorError>;
+    /// Power the guest off at once, without telling it (a pulled plug); fine when it
+    /// is off already.
+    fn power_off(&self, name: &str) -> Result<(), HypervisorError>;
+    /// The host-side tap devices of a running domain's network interfaces.
+    fn tap_devices(&self, name: &str) -> Result<Vec<String>, HypervisorError>;
+    /// The names of the domain's snapshots (none when there is no such domain).
+    fn snapshot_names(&self, name: &str) -> Result<Vec<String>, HypervisorError>;
+    /// The description of the domain's snapshot `snap`, `None` when it has no such
+    /// snapshot (or there is no such domain).
+    fn snapshot(&self, name: &str, snap: &str) -> Result<Option<String>, HypervisorError>;
+    /// Save the domain's whole state (memory and devices when it runs or is paused,
+    /// and its qcow2 overlay) as the internal snapshot `snap`, inside the overlay
+    /// itself; replaces an older one of that name. Atomic: all or nothing.
+    fn take_snapshot(
+        &self,
+        name: &str,
+        snap: &str,
+        description: &str,
+    ) -> Result<(), HypervisorError>;
+    /// Put the domain back to its snapshot `snap`: running, or paused (to be resumed
+    /// together with other domains).
+    fn revert_snapshot(&self, name: &str, snap: &str, paused: bool) -> Result<(), HypervisorError>;
+    /// Delete the snapshot `snap`; `false` when there was none.
+    fn delete_snapshot(&self, name: &str, snap: &str) -> Result<bool, HypervisorError>;
+
     /// The domain's [`FRESH_SNAPSHOT`]'s description, `None` when it has none (or
     /// there is no such domain).
-    fn fresh_snapshot(&self, name: &str) -> Result<Option<String>, HypervisorError>;
-    /// Save the running domain's whole state (memory, devices, its qcow2 overlay) as
-    /// [`FRESH_SNAPSHOT`], inside the overlay itself; replaces an older one.
-    fn take_fresh_snapshot(&self, name: &str, description: &str) -> Result<(), HypervisorError>;
+    fn fresh_snapshot(&self, name: &str) -> Result<Option<String>, HypervisorError> {
+        self.snapshot(name, FRESH_SNAPSHOT)
+    }
+    /// Save the running domain's whole state as [`FRESH_SNAPSHOT`].
+    fn take_fresh_snapshot(&self, name: &str, description: &str) -> Result<(), HypervisorError> {
+        self.take_snapshot(name, FRESH_SNAPSHOT, description)
+    }
     /// Put the domain back to its [`FRESH_SNAPSHOT`], running.
-    fn revert_to_fresh(&self, name: &str) -> Result<(), HypervisorError>;
+    fn revert_to_fresh(&self, name: &str) -> Result<(), HypervisorError> {
+        self.revert_snapshot(name, FRESH_SNAPSHOT, false)
+    }
 }
 
 /// The internal snapshot a node gets right after its first boot reached SSH, before
@@ -273,12 +307,13 @@ impl Libvirt {
         })
     }
 
-    /// The domain's [`FRESH_SNAPSHOT`], `None` when it has none.
-    fn fresh_of(
+    /// The domain's snapshot `snap`, `None` when it has none.
+    fn snapshot_of(
         d: &Domain,
         name: &str,
+        snap: &str,
     ) -> Result<Option<virt::domain_snapshot::DomainSnapshot>, HypervisorError> {
-        match Domain::lookup_snapshot_by_name(d, FRESH_SNAPSHOT, 0) {
+        match Domain::lookup_snapshot_by_name(d, snap, 0) {
             Ok(s) => Ok(Some(s)),
             Err(e)
                 if e.code()
@@ -437,43 +472,142 @@ impl Hypervisor for Libvirt {
         }
     }
 
-    fn fresh_snapshot(&self, name: &str) -> Result<Option<String>, HypervisorError> {
+    fn suspend(&self, name: &str) -> Result<(), HypervisorError> {
+        let d = self.existing(name, "pause")?;
+        if Self::state_of(&d, name)? == DomainState::Paused {
+            return Ok(());
+        }
+        d.suspend().map_err(Self::err("pause", name))?;
+        Ok(())
+    }
+
+    fn resume(&self, name: &str) -> Result<(), HypervisorError> {
+        let d = self.existing(name, "resume")?;
+        if Self::state_of(&d, name)? != DomainState::Paused {
+            return Ok(());
+        }
+        d.resume().map_err(Self::err("resume", name))?;
+        Ok(())
+    }
+
+    fn power_off(&self, name: &str) -> Result<(), HypervisorError> {
+        let d = self.existing(name, "power off")?;
+        match d.destroy() {
+            Ok(()) => Ok(()),
+            Err(_) if !d.is_active().unwrap_or(true) => Ok(()),
+            Err(e) => Err(Self::err("power off", name)(e)),
+        }
+    }
+
+    fn tap_devices(&self, name: &str) -> Result<Vec<String>, HypervisorError> {
+        let d = self.existing(name, "read the interfaces of")?;
+        let xml = d.xml_desc(0).map_err(Self::err("dumpxml", name))?;
+        Ok(parse_tap_devices(&xml))
+    }
+
+    fn snapshot_names(&self, name: &str) -> Result<Vec<String>, HypervisorError> {
+        let Some(d) = self.lookup(name)? else {
+            return Ok(Vec::new());
+        };
+        let mut names: Vec<String> = d
+            .list_all_snapshots(0)
+            .map_err(Self::err("list the snapshots of", name))?
+            .iter()
+            .filter_map(|s| s.name().ok())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn snapshot(&self, name: &str, snap: &str) -> Result<Option<String>, HypervisorError> {
         let Some(d) = self.lookup(name)? else {
             return Ok(None);
         };
-        let Some(snap) = Self::fresh_of(&d, name)? else {
+        let Some(s) = Self::snapshot_of(&d, name, snap)? else {
             return Ok(None);
         };
-        let xml = snap
-            .xml_desc(0)
-            .map_err(Self::err("read snapshot of", name))?;
+        let xml = s.xml_desc(0).map_err(Self::err("read snapshot of", name))?;
         Ok(Some(snapshot_description(&xml).unwrap_or_default()))
     }
 
-    fn take_fresh_snapshot(&self, name: &str, description: &str) -> Result<(), HypervisorError> {
+    fn take_snapshot(
+        &self,
+        name: &str,
+        snap: &str,
+        description: &str,
+    ) -> Result<(), HypervisorError> {
         let d = self.existing(name, "snapshot")?;
-        if let Some(old) = Self::fresh_of(&d, name)? {
+        if let Some(old) = Self::snapshot_of(&d, name, snap)? {
             old.delete(0)
                 .map_err(Self::err("delete the old snapshot of", name))?;
         }
         // Memory and disk state internal to the qcow2 overlay; the read-only seed is
-        // left out by libvirt. Atomic: all or nothing.
-        let xml = crate::render::domain::fresh_snapshot_xml(FRESH_SNAPSHOT, description);
+        // left out by libvirt.
+        let xml = crate::render::domain::snapshot_xml(snap, description);
         d.create_snapshot_xml(&xml, virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
             .map_err(Self::err("snapshot", name))?;
         Ok(())
     }
 
-    fn revert_to_fresh(&self, name: &str) -> Result<(), HypervisorError> {
+    fn revert_snapshot(&self, name: &str, snap: &str, paused: bool) -> Result<(), HypervisorError> {
         let d = self.existing(name, "revert")?;
-        let snap = Self::fresh_of(&d, name)?.ok_or_else(|| HypervisorError::Libvirt {
+        let s = Self::snapshot_of(&d, name, snap)?.ok_or_else(|| HypervisorError::Libvirt {
             op: "revert",
             resource: name.to_string(),
-            message: format!("it has no snapshot `{FRESH_SNAPSHOT}`"),
+            message: format!("it has no snapshot `{snap}`"),
         })?;
-        snap.revert(virt::sys::VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
-            .map_err(Self::err("revert", name))
+        let flags = if paused {
+            virt::sys::VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED
+        } else {
+            virt::sys::VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING
+        };
+        s.revert(flags).map_err(Self::err("revert", name))
     }
+
+    fn delete_snapshot(&self, name: &str, snap: &str) -> Result<bool, HypervisorError> {
+        let Some(d) = self.lookup(name)? else {
+            return Ok(false);
+        };
+        let Some(s) = Self::snapshot_of(&d, name, snap)? else {
+            return Ok(false);
+        };
+        s.delete(0)
+            .map_err(Self::err("delete the snapshot of", name))?;
+        Ok(true)
+    }
+}
+
+/// The `<target dev>` of every `<interface>` in a live domain XML (pure): the tap
+/// devices libvirt made on the host for the guest's NICs.
+pub fn parse_tap_devices(xml: &str) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct Dom {
+        devices: Option<Devices>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Devices {
+        #[serde(default)]
+        interface: Vec<Iface>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Iface {
+        target: Option<Target>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Target {
+        #[serde(rename = "@dev")]
+        dev: String,
+    }
+    quick_xml::de::from_str::<Dom>(xml)
+        .ok()
+        .and_then(|d| d.devices)
+        .map(|d| {
+            d.interface
+                .into_iter()
+                .filter_map(|i| i.target.map(|t| t.dev))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The `<description>` of a snapshot XML (pure).

@@ -31,19 +31,32 @@ pub(crate) fn bind_control(path: &Path) -> Result<UnixListener, LbError> {
     UnixListener::bind(path).map_err(err)
 }
 
-/// Answers every connection with the JSON status, then closes it.
-pub(crate) async fn serve_control<F>(listener: UnixListener, status: F)
+/// Reads one request line from every connection (`status` when the client sends
+/// nothing), writes `answer(request)`, then closes it.
+pub(crate) async fn serve_control<F>(listener: UnixListener, answer: F)
 where
-    F: Fn() -> LbStatus + Send + 'static,
+    F: Fn(&str) -> Vec<u8> + Send + Sync + 'static,
 {
+    use tokio::io::AsyncReadExt;
+    let answer = std::sync::Arc::new(answer);
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let body = serde_json::to_vec(&status()).expect("status serializes");
+        let answer = answer.clone();
         tokio::spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                // Up to a newline or the client's end of writing.
+                let mut req = Vec::new();
+                let mut buf = [0u8; 256];
+                while !req.contains(&b'\n') && req.len() < 4096 {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = answer(String::from_utf8_lossy(&req).trim());
                 let _ = stream.write_all(&body).await;
                 let _ = stream.shutdown().await;
             })
@@ -52,8 +65,8 @@ where
     }
 }
 
-/// Asks a running balancer for its status over its control socket.
-pub fn status(control_socket: &Path) -> Result<LbStatus, LbError> {
+/// One request to a running balancer's control socket, its answer's bytes.
+fn request(control_socket: &Path, req: &str) -> Result<Vec<u8>, LbError> {
     let err = |source| LbError::ControlSocket {
         path: control_socket.to_path_buf(),
         source,
@@ -61,12 +74,46 @@ pub fn status(control_socket: &Path) -> Result<LbStatus, LbError> {
     let mut s = std::os::unix::net::UnixStream::connect(control_socket).map_err(err)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(err)?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))
+        .map_err(err)?;
+    s.write_all(format!("{req}\n").as_bytes()).map_err(err)?;
+    let _ = s.shutdown(std::net::Shutdown::Write);
     let mut body = Vec::new();
     s.read_to_end(&mut body).map_err(err)?;
+    Ok(body)
+}
+
+/// Asks a running balancer for its status over its control socket.
+pub fn status(control_socket: &Path) -> Result<LbStatus, LbError> {
+    let body = request(control_socket, "status")?;
     serde_json::from_slice(&body).map_err(|source| LbError::StatusAnswer {
         path: control_socket.to_path_buf(),
         source,
     })
+}
+
+/// Takes the backend `addr` (`IP:PORT`, or its name) out of rotation, or puts it
+/// back, in a running balancer. Its established connections stay either way.
+pub fn set_backend(control_socket: &Path, addr: &str, enabled: bool) -> Result<(), LbError> {
+    let verb = if enabled { "enable" } else { "disable" };
+    let body = request(control_socket, &format!("{verb} {addr}"))?;
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        ok: bool,
+        error: Option<String>,
+    }
+    let a: Answer = serde_json::from_slice(&body).map_err(|source| LbError::StatusAnswer {
+        path: control_socket.to_path_buf(),
+        source,
+    })?;
+    if a.ok {
+        Ok(())
+    } else {
+        Err(LbError::ControlSocket {
+            path: control_socket.to_path_buf(),
+            source: std::io::Error::other(a.error.unwrap_or_default()),
+        })
+    }
 }
 
 /// Starts `exe args` in its own session with stdin from /dev/null and stdout and stderr

@@ -54,7 +54,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use control::{ensure_running, is_running, reload, spawn_detached, status, stop, Ensured};
+pub use control::{
+    ensure_running, is_running, reload, set_backend, spawn_detached, status, stop, Ensured,
+};
 pub use plan::{config_from_plan, LbFiles};
 pub use proxy::{run, run_blocking, LbHandle, LbServer};
 pub use select::Policy;

@@ -183,6 +183,53 @@ impl LbHandle {
         self.shared.status()
     }
 
+    /// Take the backend at `addr` out of rotation (`enabled == false`) or put it back.
+    /// Its established connections are left alone either way.
+    pub fn set_backend(&self, addr: &str, enabled: bool) -> Result<(), String> {
+        let backends = self.shared.backends();
+        let found: Vec<&Arc<BackendRt>> = backends
+            .iter()
+            .filter(|b| b.addr.to_string() == addr || b.name == addr)
+            .collect();
+        if found.is_empty() {
+            let known: Vec<String> = backends.iter().map(|b| b.addr.to_string()).collect();
+            return Err(format!(
+                "no backend {addr} (backends: {})",
+                known.join(", ")
+            ));
+        }
+        for b in found {
+            b.counters.disabled.store(!enabled, Relaxed);
+            tracing::info!(backend = %b.name, addr = %b.addr, enabled, "backend set by hand");
+        }
+        Ok(())
+    }
+
+    /// The answer to one control request: `status` (or nothing) gives the status
+    /// JSON; `enable ADDR` and `disable ADDR` give `{"ok": true}` or an error.
+    pub fn answer(&self, request: &str) -> Vec<u8> {
+        let mut words = request.split_whitespace();
+        let reply = |r: Result<(), String>| {
+            serde_json::to_vec(&match r {
+                Ok(()) => serde_json::json!({"ok": true}),
+                Err(e) => serde_json::json!({"ok": false, "error": e}),
+            })
+            .expect("json")
+        };
+        match (words.next(), words.next()) {
+            (None | Some("status"), _) => {
+                serde_json::to_vec(&self.status()).expect("status serializes")
+            }
+            (Some(verb @ ("enable" | "disable")), Some(addr)) => {
+                reply(self.set_backend(addr, verb == "enable"))
+            }
+            _ => reply(Err(format!(
+                "unknown request `{}` (status, enable ADDR, disable ADDR)",
+                request.trim()
+            ))),
+        }
+    }
+
     /// Re-reads the config file and swaps backends and settings; established connections
     /// are untouched. On error the running config stays. Must run inside the runtime.
     pub fn reload(&self) -> Result<(), LbError> {
@@ -312,7 +359,7 @@ impl LbServer {
         let handle = self.handle();
         let control_task = self.control.take().map(|l| {
             let h = handle.clone();
-            tokio::spawn(control::serve_control(l, move || h.status()))
+            tokio::spawn(control::serve_control(l, move |req| h.answer(req)))
         });
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -455,7 +502,7 @@ async fn connect_backend(
     let candidates: Vec<Candidate> = backends
         .iter()
         .map(|b| Candidate {
-            healthy: b.counters.healthy.load(Relaxed),
+            healthy: b.counters.healthy.load(Relaxed) && !b.counters.disabled.load(Relaxed),
             active: b.counters.active.load(Relaxed),
         })
         .collect();

@@ -13,6 +13,9 @@ use super::select::Policy;
 #[derive(Debug, Default)]
 pub(crate) struct BackendCounters {
     pub healthy: AtomicBool,
+    /// Taken out by hand (`set_backend`): no new connection goes to it, whatever its
+    /// health; its established connections stay.
+    pub disabled: AtomicBool,
     pub active: AtomicU64,
     pub total: AtomicU64,
     /// Connects that were refused or timed out (the next backend was tried).
@@ -44,6 +47,7 @@ impl BackendCounters {
             name: name.to_string(),
             addr,
             healthy: self.healthy.load(Relaxed),
+            disabled: self.disabled.load(Relaxed),
             active: self.active.load(Relaxed),
             total: self.total.load(Relaxed),
             connect_failures: self.connect_failures.load(Relaxed),
@@ -64,6 +68,9 @@ pub struct BackendStatus {
     pub name: String,
     pub addr: SocketAddr,
     pub healthy: bool,
+    /// Taken out of rotation through the control socket.
+    #[serde(default)]
+    pub disabled: bool,
     pub active: u64,
     pub total: u64,
     pub connect_failures: u64,
@@ -148,7 +155,12 @@ pub fn render_table(s: &LbStatus) -> String {
             [
                 b.name.clone(),
                 b.addr.to_string(),
-                if b.healthy { "up" } else { "down" }.to_string(),
+                match (b.disabled, b.healthy) {
+                    (true, _) => "disabled",
+                    (false, true) => "up",
+                    (false, false) => "down",
+                }
+                .to_string(),
                 b.active.to_string(),
                 b.total.to_string(),
                 b.connect_failures.to_string(),
@@ -206,6 +218,7 @@ mod tests {
                     name: "controller-0".into(),
                     addr: "10.240.0.10:6443".parse().unwrap(),
                     healthy: true,
+                    disabled: false,
                     active: 1,
                     total: 5,
                     connect_failures: 0,
@@ -217,6 +230,7 @@ mod tests {
                     name: "c1".into(),
                     addr: "10.240.0.11:6443".parse().unwrap(),
                     healthy: false,
+                    disabled: false,
                     active: 0,
                     total: 4,
                     connect_failures: 2,

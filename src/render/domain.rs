@@ -122,9 +122,10 @@ pub fn render_domain(
     write_domain(plan, node, opts, Some(&digest)).map_err(wrap)
 }
 
-/// The snapshot XML of a node's fresh state: memory and disks saved inside the
-/// qcow2 overlay (an internal snapshot: one file per node, removed with it).
-pub fn fresh_snapshot_xml(name: &str, description: &str) -> String {
+/// The XML of a node's snapshot (its fresh state, or a checkpoint): memory and disks
+/// saved inside the qcow2 overlay (an internal snapshot: one file per node, removed
+/// with it).
+pub fn snapshot_xml(name: &str, description: &str) -> String {
     let mut w = Writer::new(Vec::new());
     let r: io::Result<()> = (|| {
         w.create_element("domainsnapshot")
