@@ -653,6 +653,14 @@ fn cmd_status(lab: &str, output: StatusOutput, connect: &str, state_dir: &Path) 
     emit(output, &st, actions::status::render_table);
     if st.ok() {
         Ok(())
+    } else if !st.faults.is_empty() {
+        Err(Error::Other {
+            what: format!("lab `{lab}` has faults in force: {}", st.faults.join("; ")),
+            hint: Some(format!(
+                "an experiment put them there (a run that was killed, say): `kthw-lab experiment clean {lab}` undoes them, and so does the next `experiment run`"
+            )),
+            source: None,
+        })
     } else {
         Err(Error::Other {
             what: format!("lab `{lab}` is not fully up"),

@@ -91,6 +91,16 @@ pub fn check_requires(exp: &Experiment, plan: &LabPlan, journal: Option<&Journal
     if lb_needed && !done(Phase::Lb) {
         problems.push("its balancer probes and steps need phase `lb` done".to_string());
     }
+    let delays = exp
+        .steps
+        .iter()
+        .any(|s| matches!(s.action, Action::Delay { .. }));
+    if delays && faults::netem_available() == Some(false) {
+        problems.push(
+            "its delay steps need the netem qdisc, and this kernel was built without it (CONFIG_NET_SCH_NETEM)"
+                .to_string(),
+        );
+    }
     let mut sels: Vec<&Selector> = exp
         .steps
         .iter()

@@ -25,6 +25,65 @@ use crate::host::libvirt::{DomainState, Hypervisor, HypervisorError};
 use crate::plan::LabPlan;
 use crate::remote::{Remote, RemoteError};
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netem_in_a_kernel_config() {
+        assert_eq!(
+            netem_in_config("CONFIG_A=y\nCONFIG_NET_SCH_NETEM=m\n"),
+            Some(true)
+        );
+        assert_eq!(
+            netem_in_config("# CONFIG_NET_SCH_NETEM is not set\n"),
+            Some(false)
+        );
+        assert_eq!(netem_in_config("CONFIG_NET_SCH_HTB=y\n"), None);
+    }
+
+    #[test]
+    fn netem_arguments() {
+        assert_eq!(
+            netem_args("vnet3", 200, 0, 0.0).join(" "),
+            "qdisc replace dev vnet3 root netem delay 200ms"
+        );
+        assert_eq!(
+            netem_args("vnet3", 50, 10, 1.5).join(" "),
+            "qdisc replace dev vnet3 root netem delay 50ms 10ms loss 1.5%"
+        );
+    }
+
+    #[test]
+    fn a_partition_drops_both_ways_between_groups_only() {
+        let a: Ipv4Addr = "10.0.0.1".parse().unwrap();
+        let b: Ipv4Addr = "10.0.0.2".parse().unwrap();
+        let c: Ipv4Addr = "10.0.0.3".parse().unwrap();
+        let s = partition_script("kthw_l_faults", "br9", "l", &[vec![a], vec![b, c]]);
+        assert!(
+            s.starts_with("add table bridge kthw_l_faults\ndelete table bridge kthw_l_faults\n")
+        );
+        assert!(s.contains("ip saddr { 10.0.0.1 } ip daddr { 10.0.0.2, 10.0.0.3 } counter drop"));
+        assert!(s.contains("ip saddr { 10.0.0.2, 10.0.0.3 } ip daddr { 10.0.0.1 } counter drop"));
+        assert_eq!(s.matches("drop").count(), 2);
+        // Three groups: every ordered pair.
+        let s = partition_script("t", "br9", "l", &[vec![a], vec![b], vec![c]]);
+        assert_eq!(s.matches("drop").count(), 6);
+    }
+
+    #[test]
+    fn kill_holds_the_unit_down_unless_told_not_to() {
+        assert_eq!(
+            kill_unit_command("etcd", true),
+            "systemctl kill --signal=SIGKILL etcd; systemctl stop etcd"
+        );
+        assert_eq!(
+            kill_unit_command("etcd", false),
+            "systemctl kill --signal=SIGKILL etcd"
+        );
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum FaultError {
     #[error("`{cmd}` failed: {detail}")]
@@ -56,6 +115,9 @@ impl FaultError {
         match self {
             FaultError::Command { cmd, .. } if cmd.starts_with("nft") => {
                 "install nftables (apt-get install --no-install-recommends nftables); partitions are nft rules on the lab bridge".into()
+            }
+            FaultError::Command { cmd, detail } if cmd.starts_with("tc") && detail.contains("qdisc kind is unknown") => {
+                "this kernel has no netem qdisc: `modprobe sch_netem` (Debian's kernels ship it); a kernel built without CONFIG_NET_SCH_NETEM cannot delay links".into()
             }
             FaultError::Command { cmd, .. } if cmd.starts_with("tc") => {
                 "install iproute2 and make sure the sch_netem module can load (modprobe sch_netem)".into()
@@ -400,6 +462,33 @@ pub fn apply_delay(
         run("tc", &args, None)?;
     }
     Ok(())
+}
+
+/// Whether this kernel can delay packets with netem: `Some(false)` only when its
+/// config says netem was not built (no module to load either); `None` when it
+/// cannot tell (tc loads the module on first use).
+pub fn netem_available() -> Option<bool> {
+    if Path::new("/sys/module/sch_netem").exists() {
+        return Some(true);
+    }
+    let out = Command::new("zcat").arg("/proc/config.gz").output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    netem_in_config(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// What a kernel config says of netem (pure).
+pub fn netem_in_config(config: &str) -> Option<bool> {
+    for line in config.lines() {
+        if line == "CONFIG_NET_SCH_NETEM=y" || line == "CONFIG_NET_SCH_NETEM=m" {
+            return Some(true);
+        }
+        if line == "# CONFIG_NET_SCH_NETEM is not set" {
+            return Some(false);
+        }
+    }
+    None
 }
 
 /// Whether a netem qdisc is the root qdisc of `tap`.
