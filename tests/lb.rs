@@ -940,6 +940,56 @@ async fn status_over_the_control_socket() {
     .unwrap();
 }
 
+/// What an experiment's `lb-backend` step does: a backend disabled over the control
+/// socket gets no new connection whatever its health, keeps the ones it has, shows
+/// as disabled, and takes connections again once enabled. An unknown backend is an
+/// error, not a silent no-op.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_disabled_over_the_control_socket_gets_no_new_connections() {
+    timeout(LIMIT, async {
+        let b0 = TestBackend::start("b0").await;
+        let b1 = TestBackend::start("b1").await;
+        let lab = Lab::start(&[&b0, &b1], |_| {}).await;
+        let (mut kept, kept_on) = open(lab.addr).await;
+        let sock = lab.config.control_socket.clone();
+        let addr = b1.addr.to_string();
+        let set = |enabled: bool| {
+            let (sock, addr) = (sock.clone(), addr.clone());
+            tokio::task::spawn_blocking(move || lb::set_backend(&sock, &addr, enabled))
+        };
+        set(false).await.unwrap().unwrap();
+        assert!(lab.backend("b1").disabled && lab.backend("b1").healthy);
+        for _ in 0..6 {
+            let (_c, name) = open(lab.addr).await;
+            assert_eq!(name, "b0", "a disabled backend got a new connection");
+        }
+        // The connection it had before is still served.
+        echo_ok(&mut kept, b"still here").await;
+        let s2 = sock.clone();
+        let st = tokio::task::spawn_blocking(move || lb::status(&s2))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(lb::render_table(&st).contains("disabled"));
+        set(true).await.unwrap().unwrap();
+        let mut names = Vec::new();
+        for _ in 0..4 {
+            names.push(open(lab.addr).await.1);
+        }
+        assert!(names.iter().any(|n| n == "b1"), "{names:?}");
+        let s3 = sock.clone();
+        let err = tokio::task::spawn_blocking(move || lb::set_backend(&s3, "10.9.9.9:1", false))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("lb.sock"), "{err}");
+        let _ = kept_on;
+        lab.shutdown().await;
+    })
+    .await
+    .unwrap();
+}
+
 #[test]
 fn the_documented_config_example_parses() {
     let doc = include_str!("../src/lb/mod.rs");
