@@ -262,6 +262,43 @@ fn hypervisor_on_the_test_driver() {
         "{err}"
     );
 
+    // What checkpoints and experiments do: pause and resume (idempotent), named
+    // snapshots beside the fresh one, a revert that leaves the domain paused, a
+    // plug pulled, and deleting a snapshot.
+    hv.suspend("tdrv-n1").unwrap();
+    hv.suspend("tdrv-n1").unwrap();
+    assert_eq!(hv.state("tdrv-n1").unwrap(), Some(DomainState::Paused));
+    hv.take_snapshot("tdrv-n1", "kthw-cp-one", "checkpoint one")
+        .unwrap();
+    hv.resume("tdrv-n1").unwrap();
+    hv.resume("tdrv-n1").unwrap();
+    assert_eq!(hv.state("tdrv-n1").unwrap(), Some(DomainState::Running));
+    hv.take_snapshot("tdrv-n1", "kthw-cp-two", "checkpoint two")
+        .unwrap();
+    assert_eq!(
+        hv.snapshot_names("tdrv-n1").unwrap(),
+        ["kthw-cp-one", "kthw-cp-two"]
+    );
+    assert_eq!(
+        hv.snapshot_names("no-such-domain").unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        hv.snapshot("tdrv-n1", "kthw-cp-two").unwrap().as_deref(),
+        Some("checkpoint two")
+    );
+    hv.revert_snapshot("tdrv-n1", "kthw-cp-two", true).unwrap();
+    assert_eq!(hv.state("tdrv-n1").unwrap(), Some(DomainState::Paused));
+    hv.resume("tdrv-n1").unwrap();
+    assert!(hv.delete_snapshot("tdrv-n1", "kthw-cp-one").unwrap());
+    assert!(!hv.delete_snapshot("tdrv-n1", "kthw-cp-one").unwrap());
+    assert_eq!(hv.snapshot("tdrv-n1", "kthw-cp-one").unwrap(), None);
+    hv.power_off("tdrv-n2").unwrap();
+    assert_eq!(hv.state("tdrv-n2").unwrap(), Some(DomainState::ShutOff));
+    hv.power_off("tdrv-n2").unwrap(); // already off: fine
+    hv.start("tdrv-n2").unwrap();
+    assert!(hv.suspend("no-such-domain").is_err());
+
     // A domain of that name owned by another lab is not touched.
     let mut clash = other.clone();
     clash.nodes[0].domain = "tdrv-m1".into();
@@ -302,4 +339,23 @@ fn connect_error_names_the_uri() {
         "{err}"
     );
     assert!(err.hint().contains("libvirtd"));
+}
+
+/// The tap devices of a running domain, as libvirt's live XML names them (what a
+/// delay step puts netem on).
+#[test]
+fn tap_devices_come_from_the_live_interface_targets() {
+    let xml = r#"<domain type="qemu"><name>l-n1</name><devices>
+      <disk type="file" device="disk"><target dev="vda" bus="virtio"/></disk>
+      <interface type="bridge"><mac address="52:54:00:00:00:01"/><source bridge="br0"/><target dev="vnet7"/><model type="virtio"/></interface>
+      <interface type="bridge"><source bridge="br1"/><target dev="vnet8"/></interface>
+      <interface type="bridge"><source bridge="br2"/></interface>
+    </devices></domain>"#;
+    assert_eq!(
+        kthw_lab::host::libvirt::parse_tap_devices(xml),
+        ["vnet7", "vnet8"]
+    );
+    assert!(
+        kthw_lab::host::libvirt::parse_tap_devices("<domain><name>x</name></domain>").is_empty()
+    );
 }
