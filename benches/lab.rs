@@ -16,7 +16,9 @@
 //! - peak qemu RSS (VmHWM) and disk written (overlay allocation) per node;
 //! - where the time goes for one node: kernel, initrd, systemd, network, sshd, login,
 //!   read from the guest's own kernel log and journal;
-//! - 2m2w: `create --until runtime` with its phases, `reset`, `destroy`.
+//! - 2m2w: `create --until runtime` with its phases, `checkpoint save` and three
+//!   `checkpoint restore`s (ratio to create: what going back costs without one), `reset`,
+//!   `destroy`.
 //!
 //! Ratios are kthw-lab / baseline (lower is better), so they survive a noisy machine.
 //! Environment: `LAB_BENCH_NODES` (comma list, default 1,2,4), `LAB_BENCH_SKIP_2M2W=1`,
@@ -262,6 +264,22 @@ fn inside() {
             println!("  {phase:<12} {secs:>7.1} s");
         }
         println!("{:<14} {:>7.1} s", "create", lab.create);
+        println!(
+            "{:<14} {:>7.1} s   (nodes paused {:.1} s)",
+            "checkpoint", lab.save, lab.paused
+        );
+        let r = &lab.restores;
+        let worst = r.iter().cloned().fold(0.0, f64::max);
+        println!(
+            "{:<14} {:>7.1} s   mean of {} (min {:.1}, max {:.1}); ratio to create {:.2}; target <= 15 s {}",
+            "restore",
+            mean(r),
+            r.len(),
+            r.iter().cloned().fold(f64::INFINITY, f64::min),
+            worst,
+            mean(r) / lab.create,
+            if worst <= 15.0 { "met" } else { "NOT met" }
+        );
         println!(
             "{:<14} {:>7.1} s   ratio to create {:.2}",
             "reset",
@@ -577,6 +595,9 @@ fn saved_state_mib(path: &Path) -> f64 {
 struct FullLab {
     create: f64,
     phases: Vec<(String, f64)>,
+    save: f64,
+    paused: f64,
+    restores: Vec<f64>,
     reset: f64,
     destroy: f64,
 }
@@ -587,6 +608,17 @@ fn full_lab(dir: &Path) -> FullLab {
     let (_, create) = timed(|| kthw(&["create", s, "--until", "runtime"]));
     println!("kthw-lab: 2m2w create --until runtime in {create:.1} s");
     let phases = last_run_phases("k2m2w");
+    let (_, save) = timed(|| kthw(&["checkpoint", "save", "k2m2w", "bench"]));
+    println!("kthw-lab: 2m2w checkpoint save in {save:.1} s");
+    let o = kthw(&["checkpoint", "list", "k2m2w", "-o", "json"]);
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let paused = list[0]["paused_s"].as_f64().unwrap_or(f64::NAN);
+    let mut restores = Vec::new();
+    for i in 0..3 {
+        let (_, t) = timed(|| kthw(&["checkpoint", "restore", "k2m2w", "bench"]));
+        println!("kthw-lab: 2m2w checkpoint restore {} in {t:.1} s", i + 1);
+        restores.push(t);
+    }
     let (_, reset) = timed(|| kthw(&["reset", "k2m2w"]));
     println!("kthw-lab: 2m2w reset in {reset:.1} s");
     let (_, destroy) = timed(|| kthw(&["destroy", "k2m2w"]));
@@ -594,6 +626,9 @@ fn full_lab(dir: &Path) -> FullLab {
     FullLab {
         create,
         phases,
+        save,
+        paused,
+        restores,
         reset,
         destroy,
     }

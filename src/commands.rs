@@ -413,6 +413,21 @@ fn cmd_destroy(arg: &str, purge_cache: bool, connect: &str, state_dir: &Path) ->
     );
     let report = report.into_result(&lab)?;
     let lab_dir = crate::plan::LabPaths::new(&state_dir, &lab).root;
+    // Experiment reports are the user's results, not the lab's state: they outlive
+    // it (a 3-member run is compared with a 2-member one made after it).
+    match crate::experiment::run::archive_reports(&lab_dir, &state_dir, &lab) {
+        Ok(0) => {}
+        Ok(n) => progress.println(&format!(
+            "kept {n} experiment report(s) in {}",
+            crate::experiment::run::archive_dir(&state_dir, &lab).display()
+        )),
+        Err(e) => return Err(Error::with_source(
+            format!(
+                "cannot keep the experiment reports of lab `{lab}` (nothing of them was removed)"
+            ),
+            e,
+        )),
+    }
     match std::fs::remove_dir_all(&lab_dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -928,11 +943,16 @@ fn find_report(run: &str, state_dir: &Path) -> Result<(PathBuf, crate::experimen
                 .join("report.json"),
         );
     }
+    // Reports of labs destroyed since.
+    let archive = state_dir.join("reports");
+    for e in std::fs::read_dir(&archive).into_iter().flatten().flatten() {
+        candidates.push(e.path().join(run).join("report.json"));
+    }
     let Some(path) = candidates.into_iter().find(|c| c.is_file()) else {
         return Err(Error::Other {
             what: format!("no experiment report `{run}`"),
             hint: Some(format!(
-                "give a run id (the directories under {}/labs/LAB/experiments) or a report.json path",
+                "give a run id (the directories under {0}/labs/LAB/experiments, or {0}/reports/LAB for destroyed labs) or a report.json path",
                 state_dir.display()
             )),
             source: None,

@@ -1017,6 +1017,45 @@ pub fn run(exp: &Experiment, input: RunInput) -> (Option<Report>, Result<()>) {
     (Some(rep), result)
 }
 
+/// Where the reports of a destroyed lab are kept.
+pub fn archive_dir(state_dir: &std::path::Path, lab: &str) -> std::path::PathBuf {
+    state_dir.join("reports").join(lab)
+}
+
+/// Move the lab's experiment reports out of its state dir, into
+/// [`archive_dir`]; how many were moved. A run id already there keeps both: the
+/// newer one gets a suffix.
+pub fn archive_reports(
+    lab_dir: &std::path::Path,
+    state_dir: &std::path::Path,
+    lab: &str,
+) -> std::io::Result<usize> {
+    let from = lab_dir.join("experiments");
+    let rd = match std::fs::read_dir(&from) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let to = archive_dir(state_dir, lab);
+    let mut n = 0;
+    for e in rd {
+        let e = e?;
+        if !e.file_type()?.is_dir() {
+            continue;
+        }
+        std::fs::create_dir_all(&to)?;
+        let mut dest = to.join(e.file_name());
+        let mut i = 1;
+        while dest.exists() {
+            dest = to.join(format!("{}-{i}", e.file_name().to_string_lossy()));
+            i += 1;
+        }
+        std::fs::rename(e.path(), &dest)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// The report's directory for a run.
 pub fn report_dir(plan: &LabPlan, run_id: &str) -> std::path::PathBuf {
     runs_dir(plan).join(run_id)
