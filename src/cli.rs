@@ -248,6 +248,9 @@ pub enum ExperimentCommand {
         run: String,
         #[arg(long, short, value_enum, default_value_t = StatusOutput::Table)]
         output: StatusOutput,
+        /// Also draw the run's timeline chart (SVG) into this file
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
     },
     /// Two runs side by side
     Compare { a: String, b: String },

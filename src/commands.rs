@@ -421,12 +421,14 @@ fn cmd_destroy(arg: &str, purge_cache: bool, connect: &str, state_dir: &Path) ->
             "kept {n} experiment report(s) in {}",
             crate::experiment::run::archive_dir(&state_dir, &lab).display()
         )),
-        Err(e) => return Err(Error::with_source(
-            format!(
+        Err(e) => {
+            return Err(Error::with_source(
+                format!(
                 "cannot keep the experiment reports of lab `{lab}` (nothing of them was removed)"
             ),
-            e,
-        )),
+                e,
+            ))
+        }
     }
     match std::fs::remove_dir_all(&lab_dir) {
         Ok(()) => {}
@@ -1002,8 +1004,13 @@ fn cmd_experiment(command: crate::cli::ExperimentCommand, state_dir: &Path) -> R
                 .write_all(crate::plan::rows_to_text(&rows).as_bytes());
             Ok(())
         }
-        C::Show { run, output } => {
+        C::Show { run, output, svg } => {
             let (path, rep) = find_report(&run, state_dir)?;
+            if let Some(f) = svg {
+                std::fs::write(&f, crate::experiment::chart::svg(&rep))
+                    .map_err(|e| Error::with_source(format!("cannot write {}", f.display()), e))?;
+                eprintln!("wrote {}", f.display());
+            }
             match output {
                 StatusOutput::Json => emit(output, &rep, |_| String::new()),
                 StatusOutput::Table => {

@@ -73,7 +73,9 @@ fn draw(
     )));
     let (head, body) = root.split_vertically(HEAD);
     // Step labels in the head, staggered so neighbours do not overlap.
-    let x_of = |t: f64| 80.0 + (t / dur) * (WIDTH as f64 - 100.0);
+    // Where a lane's plot starts and ends: its left margin and y label area, its
+    // right margin (below).
+    let x_of = |t: f64| 70.0 + (t / dur) * (WIDTH as f64 - 90.0);
     for (i, s) in report.steps.iter().enumerate() {
         let label = format!(
             "{} {}{}",
@@ -128,6 +130,7 @@ fn draw(
             .disable_mesh()
             .y_desc("ms")
             .y_labels(3)
+            .y_label_formatter(&|y| format!("{y:.0}"))
             .x_labels(if i == last { 12 } else { 0 })
             .x_label_formatter(&|x| format!("{x:.0} s"))
             .draw()
@@ -164,8 +167,33 @@ fn draw(
                 )
             }))
         );
+        // A state probe (leader, backends): its value where it changes.
+        if matches!(p.kind.as_str(), "etcd-leader" | "lb-backends") {
+            t!(
+                chart.draw_series(changes(&p.samples).into_iter().map(|(t, v)| {
+                    Text::new(
+                        v,
+                        (t, ymax * 0.92),
+                        ("sans-serif", 11).into_font().color(&BLACK),
+                    )
+                }))
+            );
+        }
     }
     Ok(())
+}
+
+/// The first ok sample and every ok sample whose value differs from the one before:
+/// `(t, value)` (pure).
+pub fn changes(samples: &[Sample]) -> Vec<(f64, String)> {
+    let mut out: Vec<(f64, String)> = Vec::new();
+    for s in samples.iter().filter(|s| s.ok) {
+        let v = s.value.clone().unwrap_or_default();
+        if out.last().is_none_or(|(_, last)| *last != v) {
+            out.push((s.t_s, v));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -194,5 +222,17 @@ mod tests {
             s(4.0, false),
         ];
         assert_eq!(outages(&v, 10.0), vec![(1.0, 3.0), (4.0, 10.0)]);
+    }
+
+    #[test]
+    fn a_state_is_labelled_where_it_changes() {
+        let mut v = vec![s(0.0, true), s(1.0, true), s(2.0, false), s(3.0, true)];
+        for (x, l) in v.iter_mut().zip(["m1", "m1", "", "m2"]) {
+            x.value = Some(l.into());
+        }
+        assert_eq!(
+            changes(&v),
+            vec![(0.0, "m1".to_string()), (3.0, "m2".to_string())]
+        );
     }
 }

@@ -420,8 +420,20 @@ pub fn timeline(report: &Report, width: usize) -> String {
                 .filter(|s| s.t_s >= a && s.t_s < b)
                 .collect();
             let oks = in_cell.iter().filter(|s| s.ok).count();
+            // A cell no sample began in shows the one still in flight (a sample that
+            // waits for its timeout spans several cells).
+            let in_flight = p
+                .samples
+                .iter()
+                .rev()
+                .find(|s| s.t_s < a)
+                .filter(|s| s.t_s + s.latency_ms / 1000.0 >= a);
             line.push(if in_cell.is_empty() {
-                ' '
+                match in_flight {
+                    Some(s) if s.ok => '█',
+                    Some(_) => '░',
+                    None => ' ',
+                }
             } else if oks == in_cell.len() {
                 '█'
             } else if oks == 0 {
@@ -520,7 +532,7 @@ pub fn summary(report: &Report) -> String {
                 w.samples.to_string(),
                 opt(w.availability, |a| format!("{:.1}%", a * 100.0)),
                 format!("{:.1} s", w.longest_outage_s),
-                opt(w.recovery_s, |r| format!("{r:.1} s")),
+                step_recovery(w),
                 opt(w.p50_ms, |v| format!("{v:.0} ms")),
                 opt(w.p99_ms, |v| format!("{v:.0} ms")),
                 w.changes.map(|c| c.to_string()).unwrap_or("-".into()),
@@ -580,6 +592,15 @@ pub fn summary(report: &Report) -> String {
         }
     }
     out
+}
+
+/// Recovery is measured from a step: the windows that start with none show `-`, and
+/// one whose probe never came back says so.
+fn step_recovery(w: &WindowStats) -> String {
+    if w.window == "whole" || w.window == "before" {
+        return "-".into();
+    }
+    opt(w.recovery_s, |r| format!("{r:.1} s")).replace('-', "never")
 }
 
 fn trim_num(v: f64) -> String {
@@ -647,9 +668,7 @@ pub fn compare(a: &Report, b: &Report) -> String {
                 w.map(|w| format!("{:.1} s", w.longest_outage_s))
                     .unwrap_or("-".into())
             };
-            let rec = |w: Option<&WindowStats>| {
-                opt(w.and_then(|w| w.recovery_s), |r| format!("{r:.1} s"))
-            };
+            let rec = |w: Option<&WindowStats>| w.map(step_recovery).unwrap_or("-".into());
             let p99 =
                 |w: Option<&WindowStats>| opt(w.and_then(|w| w.p99_ms), |v| format!("{v:.0} ms"));
             t.push(vec![
