@@ -21,7 +21,8 @@
 //!   `destroy`.
 //!
 //! Ratios are kthw-lab / baseline (lower is better), so they survive a noisy machine.
-//! Environment: `LAB_BENCH_NODES` (comma list, default 1,2,4), `LAB_BENCH_SKIP_2M2W=1`,
+//! Environment: `LAB_BENCH_NODES` (comma list, default 1,2,4; empty: no boot rows),
+//! `LAB_BENCH_SKIP_2M2W=1`,
 //! `LAB_BENCH_SKIP_VL=1` (no virt-lightning).
 
 use std::path::{Path, PathBuf};
@@ -167,6 +168,7 @@ fn inside() {
     let counts: Vec<u32> = std::env::var("LAB_BENCH_NODES")
         .unwrap_or_else(|_| "1,2,4".into())
         .split(',')
+        .filter(|s| !s.trim().is_empty())
         .map(|s| s.trim().parse().expect("LAB_BENCH_NODES: numbers"))
         .collect();
     let vl_skipped = std::env::var(VL_SKIPPED).ok();
