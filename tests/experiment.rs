@@ -371,3 +371,35 @@ fn etcd_probes_over_tls_fail_over_a_restart_and_the_history_checks_out() {
     let v = history::check(&ops, &[], Some(fin - 3));
     assert_eq!(v.anomalies.last().unwrap().kind, "lost-write");
 }
+
+#[test]
+fn the_lease_holder_is_the_host_part_of_the_holder_identity() {
+    use kthw_lab::kube::{lease_path, parse_lease_holder};
+    let json = include_str!("fixtures/kube/lease-kube-controller-manager.json");
+    assert_eq!(parse_lease_holder(json).unwrap().as_deref(), Some("m2"));
+    let free = json.replace("m2_8c3b6f2e-0d41-4c57-9e1a-6f7b2a9d3c55", "");
+    assert_eq!(parse_lease_holder(&free).unwrap(), None);
+    assert!(parse_lease_holder(r#"{"kind":"Node"}"#).is_err());
+    assert_eq!(
+        lease_path("kube-scheduler"),
+        "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/kube-scheduler"
+    );
+    // In files: a lease probe needs its lease and the control plane, and so does
+    // the selector of a lease's holder.
+    let p = problems("name: t\nrequires: {phase: etcd}\nduration: 20s\nprobes:\n  - {kind: api-lease}\nsteps:\n  - {at: 1s, action: crash-node, node: lease-holder:kube-scheduler}\n");
+    assert!(
+        p.iter()
+            .any(|l| l.contains("probes[0].lease: probe kind `api-lease` needs `lease`")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|l| l.contains("x.yaml:7:") && l.contains("`lease-holder:` asks the API")),
+        "{p:?}"
+    );
+    let e = load_str(SHIPPED[4].1, "api-failover").unwrap();
+    assert_eq!(
+        e.steps[0].action.selectors()[0],
+        &Selector::LeaseHolder("kube-controller-manager".into())
+    );
+}

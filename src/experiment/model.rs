@@ -96,6 +96,8 @@ pub enum Selector {
     EtcdFollower,
     /// The node(s) the step with this id acted on.
     Step(String),
+    /// The node that holds a leader-election Lease in kube-system (the API's view).
+    LeaseHolder(String),
     /// In a partition: every node not named in another group.
     Others,
 }
@@ -109,6 +111,7 @@ impl std::fmt::Display for Selector {
             Selector::EtcdLeader => f.write_str("etcd-leader"),
             Selector::EtcdFollower => f.write_str("etcd-follower"),
             Selector::Step(id) => write!(f, "step:{id}"),
+            Selector::LeaseHolder(l) => write!(f, "lease-holder:{l}"),
             Selector::Others => f.write_str("others"),
         }
     }
@@ -134,10 +137,13 @@ impl Selector {
             t if t.starts_with("controller:") => Selector::Controller(index(&t[11..])?),
             t if t.starts_with("worker:") => Selector::Worker(index(&t[7..])?),
             t if t.starts_with("step:") && !t[5..].is_empty() => Selector::Step(t[5..].into()),
+            t if t.starts_with("lease-holder:") && !t[13..].is_empty() => {
+                Selector::LeaseHolder(t[13..].into())
+            }
             t if crate::scenario::validate::is_label(t, 63) => Selector::Name(t.into()),
             t => {
                 return Err(format!(
-                    "`{t}` is no node: use a node name, controller:N, worker:N, etcd-leader, etcd-follower or step:ID"
+                    "`{t}` is no node: use a node name, controller:N, worker:N, etcd-leader, etcd-follower, lease-holder:LEASE or step:ID"
                 ))
             }
         })
@@ -174,6 +180,9 @@ pub enum ProbeKind {
     ApiReady,
     /// List nodes through the balancer.
     ApiList,
+    /// Which node holds a leader-election Lease in kube-system (the controller-manager's
+    /// or the scheduler's), through the balancer.
+    ApiLease { lease: String },
     /// A TCP connect.
     Tcp { node: Selector, port: u16 },
     /// An ICMP echo to a node.
@@ -190,6 +199,7 @@ impl ProbeKind {
             ProbeKind::EtcdLeader => "etcd-leader",
             ProbeKind::ApiReady => "api-ready",
             ProbeKind::ApiList => "api-list",
+            ProbeKind::ApiLease { .. } => "api-lease",
             ProbeKind::Tcp { .. } => "tcp",
             ProbeKind::Ping { .. } => "ping",
             ProbeKind::LbBackends => "lb-backends",
@@ -202,6 +212,7 @@ impl ProbeKind {
         "etcd-leader",
         "api-ready",
         "api-list",
+        "api-lease",
         "tcp",
         "ping",
         "lb-backends",
@@ -209,11 +220,17 @@ impl ProbeKind {
 
     /// Whether the probe's value is a state worth counting changes of.
     pub fn has_changes(&self) -> bool {
-        matches!(self, ProbeKind::EtcdLeader | ProbeKind::LbBackends)
+        matches!(
+            self,
+            ProbeKind::EtcdLeader | ProbeKind::LbBackends | ProbeKind::ApiLease { .. }
+        )
     }
 
     pub fn needs_api(&self) -> bool {
-        matches!(self, ProbeKind::ApiReady | ProbeKind::ApiList)
+        matches!(
+            self,
+            ProbeKind::ApiReady | ProbeKind::ApiList | ProbeKind::ApiLease { .. }
+        )
     }
 
     pub fn needs_etcd(&self) -> bool {
@@ -699,7 +716,7 @@ fn read_requires(node: Option<&Node>, cx: &mut Ctx) -> Option<Requires> {
     })
 }
 
-const PROBE_FIELDS: &[&str] = &["name", "kind", "every", "timeout", "node", "port"];
+const PROBE_FIELDS: &[&str] = &["name", "kind", "every", "timeout", "node", "port", "lease"];
 
 fn read_probe(node: &Node, path: &str, cx: &mut Ctx) -> Option<ProbeSpec> {
     let mut m = MapReader::new(node, path, cx, PROBE_FIELDS)?;
@@ -709,7 +726,17 @@ fn read_probe(node: &Node, path: &str, cx: &mut Ctx) -> Option<ProbeSpec> {
     let timeout: Secs = m.opt("timeout", cx).unwrap_or(Secs(1.0));
     let target: Option<Selector> = m.opt("node", cx);
     let port: Option<u16> = m.opt("port", cx);
+    let lease: Option<String> = m.opt("lease", cx);
     m.finish(cx);
+    if kind.as_deref() != Some("api-lease") && lease.is_some() {
+        cx.error_at_path(
+            &format!("{path}.lease"),
+            format!(
+                "probe kind `{}` takes no lease",
+                kind.as_deref().unwrap_or("?")
+            ),
+        );
+    }
     let kind_text = kind?;
     let wants_node = matches!(kind_text.as_str(), "tcp" | "ping");
     if !wants_node && target.is_some() {
@@ -730,6 +757,16 @@ fn read_probe(node: &Node, path: &str, cx: &mut Ctx) -> Option<ProbeSpec> {
         "etcd-leader" => ProbeKind::EtcdLeader,
         "api-ready" => ProbeKind::ApiReady,
         "api-list" => ProbeKind::ApiList,
+        "api-lease" => match lease {
+            Some(lease) => ProbeKind::ApiLease { lease },
+            None => {
+                cx.error_at_path(
+                    &format!("{path}.lease"),
+                    "probe kind `api-lease` needs `lease` (kube-controller-manager or kube-scheduler)",
+                );
+                return None;
+            }
+        },
         "lb-backends" => ProbeKind::LbBackends,
         "tcp" | "ping" => {
             let Some(node) = target else {
@@ -1079,6 +1116,11 @@ fn validate(e: &Experiment, cx: &mut Ctx) {
                         }
                     ),
                 ),
+                Selector::LeaseHolder(_) if e.requires.phase < Phase::ControlPlane => cx
+                    .error_at_path(
+                        &format!("{path}.node"),
+                        "`lease-holder:` asks the API, which exists from phase `control-plane`: set requires.phase to control-plane or later",
+                    ),
                 Selector::Others if !matches!(s.action, Action::Partition { .. }) => cx
                     .error_at_path(
                         &format!("{path}.node"),

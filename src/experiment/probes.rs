@@ -171,6 +171,21 @@ impl Sampler for ApiList {
     }
 }
 
+pub struct ApiLease {
+    pub api: crate::kube::ApiClient,
+    pub lease: String,
+}
+
+impl Sampler for ApiLease {
+    fn sample(&mut self, timeout: Duration) -> Seen {
+        match self.api.lease_holder(&self.lease, timeout) {
+            Ok(Some(holder)) => Seen::ok(Some(holder)),
+            Ok(None) => Seen::failed(format!("nobody holds lease {}", self.lease)),
+            Err(e) => Seen::failed(e.to_string()),
+        }
+    }
+}
+
 pub struct Tcp {
     pub addr: SocketAddr,
 }

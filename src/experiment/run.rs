@@ -183,6 +183,19 @@ impl Ctx<'_> {
                 .cloned()
                 .ok_or_else(|| format!("step `{id}` has not run")),
             Selector::Others => Ok(Vec::new()),
+            Selector::LeaseHolder(lease) => {
+                let api = crate::kube::ApiClient::for_lab(plan).map_err(|e| e.to_string())?;
+                match api
+                    .lease_holder(lease, Duration::from_secs(5))
+                    .map_err(|e| e.to_string())?
+                {
+                    Some(h) if plan.node(&h).is_some() => Ok(vec![h]),
+                    Some(h) => Err(format!(
+                        "lease {lease} is held by `{h}`, no node of this lab"
+                    )),
+                    None => Err(format!("nobody holds lease {lease}")),
+                }
+            }
             Selector::EtcdLeader | Selector::EtcdFollower => {
                 let etcd = self.etcd.ok_or("the lab has no etcd to ask")?;
                 // The leader may be unknown for a moment (an election): ask again.
@@ -631,7 +644,7 @@ pub fn run(exp: &Experiment, input: RunInput) -> (Option<Report>, Result<()>) {
                     _ => Box::new(probes::EtcdLeader { etcd: e.clone() }),
                 }
             }
-            ProbeKind::ApiReady | ProbeKind::ApiList => {
+            ProbeKind::ApiReady | ProbeKind::ApiList | ProbeKind::ApiLease { .. } => {
                 let api = match crate::kube::ApiClient::for_lab(plan) {
                     Ok(a) => a,
                     Err(e) => {
@@ -644,10 +657,13 @@ pub fn run(exp: &Experiment, input: RunInput) -> (Option<Report>, Result<()>) {
                         )
                     }
                 };
-                if p.kind == ProbeKind::ApiReady {
-                    Box::new(probes::ApiReady { api })
-                } else {
-                    Box::new(probes::ApiList { api })
+                match &p.kind {
+                    ProbeKind::ApiReady => Box::new(probes::ApiReady { api }),
+                    ProbeKind::ApiLease { lease } => Box::new(probes::ApiLease {
+                        api,
+                        lease: lease.clone(),
+                    }),
+                    _ => Box::new(probes::ApiList { api }),
                 }
             }
             ProbeKind::Tcp { node, port } => {

@@ -524,3 +524,35 @@ pub fn parse_service_cluster_ip(json: &str) -> Result<String, String> {
         other => Err(format!("the service has no cluster IP ({other:?})")),
     }
 }
+
+/// The API path of a leader-election Lease in `kube-system`.
+pub fn lease_path(name: &str) -> String {
+    format!("/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/{name}")
+}
+
+/// The node that holds a leader-election Lease (`GET` of [`lease_path`]): the host
+/// part of `spec.holderIdentity` (client-go writes `HOSTNAME_UUID`); `None` when it
+/// is held by nobody.
+pub fn parse_lease_holder(json: &str) -> Result<Option<String>, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("not a Lease: {e}"))?;
+    if v["kind"] != "Lease" {
+        return Err(format!("expected kind Lease, got {}", v["kind"]));
+    }
+    Ok(v["spec"]["holderIdentity"]
+        .as_str()
+        .filter(|h| !h.is_empty())
+        .map(|h| h.split('_').next().unwrap_or(h).to_string()))
+}
+
+impl ApiClient {
+    /// The holder of the Lease `name` in `kube-system`.
+    pub fn lease_holder(&self, name: &str, timeout: Duration) -> Result<Option<String>, KubeError> {
+        let path = lease_path(name);
+        let body = self.get(&path, timeout)?;
+        parse_lease_holder(&body).map_err(|reason| KubeError::Unexpected {
+            url: format!("{}{path}", self.endpoint),
+            reason,
+        })
+    }
+}
