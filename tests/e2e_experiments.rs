@@ -15,7 +15,8 @@
 //!   table included). A delay (netem) joins them when this kernel has netem.
 //! - **2 controllers**: the same `etcd-member-down`: writes fail through the outage
 //!   window (quorum lost) and recover after the member restarts. `experiment
-//!   compare` shows the two runs side by side.
+//!   compare` shows the two runs side by side. A checkpoint restored after `stop` and
+//!   `start` takes the lab back too.
 
 mod support;
 
@@ -373,6 +374,9 @@ fn experiments_and_checkpoints_on_two_and_three_controllers() {
     let plan2 = plan_json(&state, f2.to_str().unwrap());
     let o = kthw(&state, &["create", f2.to_str().unwrap(), "--until", "etcd"]);
     assert!(o.status.success(), "create ex2 failed");
+    assert!(kthw(&state, &["checkpoint", "save", "ex2", "base"])
+        .status
+        .success());
     let md2 = shipped(tmp.path(), "etcd-member-down", None);
     let c = run_experiment(&state, "ex2", &md2);
     let kill2 = avail(&c, "write", "kill");
@@ -409,6 +413,29 @@ fn experiments_and_checkpoints_on_two_and_three_controllers() {
     );
     assert!(o.status.success());
     assert!(text(&o.stdout).contains("history: ok"));
+    // A restore after the lab was stopped and started again.
+    etcdctl(&state, "ex2", "c1", "put kthw-after-base written");
+    let t = Instant::now();
+    assert!(
+        kthw(&state, &["stop", "ex2"]).status.success(),
+        "stop failed"
+    );
+    println!("stop of 2 controllers: {:.1} s", t.elapsed().as_secs_f64());
+    assert!(
+        kthw(&state, &["start", "ex2"]).status.success(),
+        "start failed"
+    );
+    assert!(etcdctl(&state, "ex2", "c2", "get kthw-after-base").contains("written"));
+    let o = kthw(&state, &["checkpoint", "restore", "ex2", "base"]);
+    assert!(o.status.success(), "restore after stop and start failed");
+    assert_eq!(
+        etcdctl(&state, "ex2", "c2", "get kthw-after-base").trim(),
+        ""
+    );
+    assert!(
+        kthw(&state, &["status", "ex2"]).status.success(),
+        "status after the restore"
+    );
     let dir = state
         .join("labs/ex2/experiments")
         .join(c["manifest"]["run_id"].as_str().unwrap());

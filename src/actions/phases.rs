@@ -102,33 +102,59 @@ pub fn shutdown_domains(
     grace: std::time::Duration,
     progress: &super::Progress,
 ) -> Result<()> {
-    use crate::host::libvirt::Hypervisor;
+    use crate::host::libvirt::{DomainState, Hypervisor};
+    use crate::remote::Remote;
     let hv = connect_hypervisor(connect)?;
+    // The lean image runs no logind, which is what turns ACPI's power button into a
+    // shutdown: ask each running guest to power off over SSH first (ACPI, then a
+    // forced power-off, remain for a guest that does not answer).
+    let remote = lab_remote(plan)
+        .ok()
+        .map(|r| r.with_connect_timeout(std::time::Duration::from_secs(3)));
     let results = on_every_node(
         &plan.nodes,
         |n| n.name.as_str(),
         progress,
         "shutting down",
-        |n, line| match hv.shutdown(&n.domain, grace) {
-            Ok(true) => {
-                line.done("off");
-                Ok(())
+        |n, line| {
+            if let (Some(r), Ok(Some(DomainState::Running))) = (&remote, hv.state(&n.domain)) {
+                let _ = r.exec(
+                    &n.name,
+                    "systemctl --no-block poweroff",
+                    std::time::Duration::from_secs(10),
+                );
             }
-            Ok(false) => {
-                line.done("forced off (the guest did not power off in time)");
-                Ok(())
-            }
-            Err(e) => {
-                line.fail(&e.to_string());
-                Err(provision(
-                    format!("cannot shut down {}", n.domain),
-                    e.hint(),
-                    e,
-                ))
-            }
+            shutdown_one(&hv, n, grace, line)
         },
     );
     results.into_iter().collect()
+}
+
+fn shutdown_one(
+    hv: &crate::host::libvirt::Libvirt,
+    n: &crate::plan::NodePlan,
+    grace: std::time::Duration,
+    line: super::Line,
+) -> Result<()> {
+    use crate::host::libvirt::Hypervisor;
+    match hv.shutdown(&n.domain, grace) {
+        Ok(true) => {
+            line.done("off");
+            Ok(())
+        }
+        Ok(false) => {
+            line.done("forced off (the guest did not power off in time)");
+            Ok(())
+        }
+        Err(e) => {
+            line.fail(&e.to_string());
+            Err(provision(
+                format!("cannot shut down {}", n.domain),
+                e.hint(),
+                e,
+            ))
+        }
+    }
 }
 
 pub fn actions(_plan: &LabPlan, opts: &PhaseOptions) -> Vec<Box<dyn Action>> {
