@@ -201,15 +201,7 @@ mod tests {
     use super::*;
 
     fn s(t: f64, ok: bool) -> Sample {
-        Sample {
-            t_s: t,
-            ok,
-            latency_ms: 5.0,
-            error: None,
-            value: None,
-            endpoint: None,
-            indeterminate: false,
-        }
+        Sample::bare(t, ok)
     }
 
     #[test]

@@ -411,16 +411,7 @@ impl Action {
                 ms,
                 jitter_ms,
                 loss_percent,
-            } => {
-                let mut s = format!("delay {ms} ms on {node}");
-                if *jitter_ms > 0 {
-                    s.push_str(&format!(" ±{jitter_ms} ms"));
-                }
-                if *loss_percent > 0.0 {
-                    s.push_str(&format!(" {loss_percent}% loss"));
-                }
-                s
-            }
+            } => crate::faults::delay_text(&node.to_string(), *ms, *jitter_ms, *loss_percent),
             Action::LbBackend { node, enabled } => format!(
                 "lb-backend {node} {}",
                 if *enabled { "enable" } else { "disable" }

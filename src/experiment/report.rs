@@ -25,6 +25,21 @@ pub struct Sample {
     pub indeterminate: bool,
 }
 
+impl Sample {
+    /// A sample of 5 ms with nothing else to say (tests and examples).
+    pub fn bare(t_s: f64, ok: bool) -> Sample {
+        Sample {
+            t_s,
+            ok,
+            latency_ms: 5.0,
+            error: None,
+            value: None,
+            endpoint: None,
+            indeterminate: false,
+        }
+    }
+}
+
 /// Metrics of one probe over one window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WindowStats {
@@ -723,13 +738,8 @@ mod tests {
 
     fn s(t: f64, ok: bool) -> Sample {
         Sample {
-            t_s: t,
-            ok,
             latency_ms: 10.0,
-            error: None,
-            value: None,
-            endpoint: None,
-            indeterminate: false,
+            ..Sample::bare(t, ok)
         }
     }
 

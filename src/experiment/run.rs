@@ -246,6 +246,30 @@ impl Ctx<'_> {
         let _ = self.store.remove(f);
     }
 
+    /// A libvirt action on one node's domain. A fault it `puts` in force is recorded
+    /// before; the record of a fault it `undoes` goes after.
+    fn vm(
+        &self,
+        node: &Selector,
+        op: fn(
+            &dyn Hypervisor,
+            &str,
+        ) -> std::result::Result<(), crate::host::libvirt::HypervisorError>,
+        puts: Option<fn(String) -> Fault>,
+        undoes: Option<fn(&Fault, &str) -> bool>,
+    ) -> std::result::Result<(Vec<String>, Option<String>), String> {
+        let n = self.one(node)?;
+        if let Some(f) = puts {
+            self.record(f(n.clone()))?;
+        }
+        op(self.hv, &self.domain(&n)?).map_err(|e| e.to_string())?;
+        if let Some(gone) = undoes {
+            let nn = n.clone();
+            self.forget(move |f| gone(f, &nn));
+        }
+        Ok((vec![n], None))
+    }
+
     fn ssh(&self, node: &str, cmd: &str) -> std::result::Result<String, String> {
         self.remote
             .run(node, cmd, Duration::from_secs(90))
@@ -293,32 +317,30 @@ impl Ctx<'_> {
                 self.forget(move |f| matches!(f, Fault::UnitDown { node, unit } if *node == nn && *unit == uu));
                 Ok((vec![n], None))
             }
-            Action::CrashNode { node } => {
-                let n = self.one(node)?;
-                self.record(Fault::Crashed { node: n.clone() })?;
-                hv.power_off(&self.domain(&n)?).map_err(|e| e.to_string())?;
-                Ok((vec![n], None))
-            }
-            Action::StartNode { node } => {
-                let n = self.one(node)?;
-                hv.start(&self.domain(&n)?).map_err(|e| e.to_string())?;
-                let nn = n.clone();
-                self.forget(move |f| matches!(f, Fault::Crashed { node } if *node == nn));
-                Ok((vec![n], None))
-            }
-            Action::PauseNode { node } => {
-                let n = self.one(node)?;
-                self.record(Fault::Paused { node: n.clone() })?;
-                hv.suspend(&self.domain(&n)?).map_err(|e| e.to_string())?;
-                Ok((vec![n], None))
-            }
-            Action::ResumeNode { node } => {
-                let n = self.one(node)?;
-                hv.resume(&self.domain(&n)?).map_err(|e| e.to_string())?;
-                let nn = n.clone();
-                self.forget(move |f| matches!(f, Fault::Paused { node } if *node == nn));
-                Ok((vec![n], None))
-            }
+            Action::CrashNode { node } => self.vm(
+                node,
+                |h, d| h.power_off(d),
+                Some(|n| Fault::Crashed { node: n }),
+                None,
+            ),
+            Action::StartNode { node } => self.vm(
+                node,
+                |h, d| h.start(d),
+                None,
+                Some(|f, n| matches!(f, Fault::Crashed { node } if node == n)),
+            ),
+            Action::PauseNode { node } => self.vm(
+                node,
+                |h, d| h.suspend(d),
+                Some(|n| Fault::Paused { node: n }),
+                None,
+            ),
+            Action::ResumeNode { node } => self.vm(
+                node,
+                |h, d| h.resume(d),
+                None,
+                Some(|f, n| matches!(f, Fault::Paused { node } if node == n)),
+            ),
             Action::RebootNode { node } => {
                 let n = self.one(node)?;
                 // The session drops as the guest goes down: only a refusal to start
@@ -605,9 +627,7 @@ pub fn run(exp: &Experiment, input: RunInput) -> (Option<Report>, Result<()>) {
     };
     let key = probes::register_key(&run_id);
     // Samplers, one per probe.
-    let mut samplers: Vec<(String, Box<dyn Sampler>)> = Vec::new();
-    let mut targets: BTreeMap<String, String> = BTreeMap::new();
-    let ctx_for_resolve = Ctx {
+    let resolver = Ctx {
         plan,
         plan_sha256: input.plan_sha256,
         opts: input.opts,
@@ -619,98 +639,11 @@ pub fn run(exp: &Experiment, input: RunInput) -> (Option<Report>, Result<()>) {
         resolved: BTreeMap::new(),
         progress: progress.clone(),
     };
-    for p in &exp.probes {
-        let s: Box<dyn Sampler> = match &p.kind {
-            ProbeKind::EtcdWrite | ProbeKind::EtcdRead | ProbeKind::EtcdLeader => {
-                let Some(e) = &etcd else {
-                    return (
-                        None,
-                        Err(not_ready(
-                            "the lab's etcd is not up".into(),
-                            "run create up to `etcd`".into(),
-                        )),
-                    );
-                };
-                match p.kind {
-                    ProbeKind::EtcdWrite => Box::new(probes::EtcdWrite {
-                        etcd: e.clone(),
-                        key: key.clone(),
-                        next: 0,
-                    }),
-                    ProbeKind::EtcdRead => Box::new(probes::EtcdRead {
-                        etcd: e.clone(),
-                        key: key.clone(),
-                    }),
-                    _ => Box::new(probes::EtcdLeader { etcd: e.clone() }),
-                }
-            }
-            ProbeKind::ApiReady | ProbeKind::ApiList | ProbeKind::ApiLease { .. } => {
-                let api = match crate::kube::ApiClient::for_lab(plan) {
-                    Ok(a) => a,
-                    Err(e) => {
-                        return (
-                            None,
-                            Err(not_ready(
-                                format!("the API cannot be probed: {e}"),
-                                "the admin certificate comes from phase `pki`".into(),
-                            )),
-                        )
-                    }
-                };
-                match &p.kind {
-                    ProbeKind::ApiReady => Box::new(probes::ApiReady { api }),
-                    ProbeKind::ApiLease { lease } => Box::new(probes::ApiLease {
-                        api,
-                        lease: lease.clone(),
-                    }),
-                    _ => Box::new(probes::ApiList { api }),
-                }
-            }
-            ProbeKind::Tcp { node, port } => {
-                let n = match ctx_for_resolve.one(node) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        return (
-                            None,
-                            Err(not_ready(
-                                format!("probe `{}`: {e}", p.name),
-                                "fix the probe's node".into(),
-                            )),
-                        )
-                    }
-                };
-                targets.insert(p.name.clone(), n.clone());
-                let ip = plan.node(&n).expect("resolved").ip;
-                Box::new(probes::Tcp {
-                    addr: (ip, *port).into(),
-                })
-            }
-            ProbeKind::Ping { node } => {
-                let n = match ctx_for_resolve.one(node) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        return (
-                            None,
-                            Err(not_ready(
-                                format!("probe `{}`: {e}", p.name),
-                                "fix the probe's node".into(),
-                            )),
-                        )
-                    }
-                };
-                targets.insert(p.name.clone(), n.clone());
-                Box::new(probes::Ping {
-                    ip: plan.node(&n).expect("resolved").ip,
-                    seq: 0,
-                })
-            }
-            ProbeKind::LbBackends => Box::new(probes::LbBackends {
-                socket: crate::lb::LbFiles::of(plan).socket,
-            }),
-        };
-        samplers.push((p.name.clone(), s));
-    }
-    drop(ctx_for_resolve);
+    let (samplers, targets) = match samplers(exp, &resolver, etcd.as_ref(), &key) {
+        Ok(x) => x,
+        Err(e) => return (None, Err(e)),
+    };
+    drop(resolver);
     let started = crate::actions::journal::now_unix();
     progress.println(&format!(
         "==> experiment `{}`: {} probe(s), {} step(s), {:.0} s (run {run_id})",
@@ -1031,6 +964,83 @@ pub fn run(exp: &Experiment, input: RunInput) -> (Option<Report>, Result<()>) {
         )),
     };
     (Some(rep), result)
+}
+
+/// One sampler per probe, and the node each tcp or ping probe is pointed at.
+#[allow(clippy::type_complexity)]
+fn samplers(
+    exp: &Experiment,
+    cx: &Ctx,
+    etcd: Option<&Arc<Etcd>>,
+    key: &str,
+) -> Result<(Vec<(String, Box<dyn Sampler>)>, BTreeMap<String, String>)> {
+    let plan = cx.plan;
+    let mut out: Vec<(String, Box<dyn Sampler>)> = Vec::new();
+    let mut targets = BTreeMap::new();
+    let mut target = |name: &str, node: &Selector| -> Result<std::net::Ipv4Addr> {
+        let n = cx.one(node).map_err(|e| {
+            not_ready(
+                format!("probe `{name}`: {e}"),
+                "fix the probe's node".into(),
+            )
+        })?;
+        targets.insert(name.to_string(), n.clone());
+        Ok(plan.node(&n).expect("resolved").ip)
+    };
+    for p in &exp.probes {
+        let s: Box<dyn Sampler> = match &p.kind {
+            ProbeKind::EtcdWrite | ProbeKind::EtcdRead | ProbeKind::EtcdLeader => {
+                let e = etcd
+                    .ok_or_else(|| {
+                        not_ready(
+                            "the lab's etcd is not up".into(),
+                            "run create up to `etcd`".into(),
+                        )
+                    })?
+                    .clone();
+                match p.kind {
+                    ProbeKind::EtcdWrite => Box::new(probes::EtcdWrite {
+                        etcd: e,
+                        key: key.to_string(),
+                        next: 0,
+                    }),
+                    ProbeKind::EtcdRead => Box::new(probes::EtcdRead {
+                        etcd: e,
+                        key: key.to_string(),
+                    }),
+                    _ => Box::new(probes::EtcdLeader { etcd: e }),
+                }
+            }
+            ProbeKind::ApiReady | ProbeKind::ApiList | ProbeKind::ApiLease { .. } => {
+                let api = crate::kube::ApiClient::for_lab(plan).map_err(|e| {
+                    not_ready(
+                        format!("the API cannot be probed: {e}"),
+                        "the admin certificate comes from phase `pki`".into(),
+                    )
+                })?;
+                match &p.kind {
+                    ProbeKind::ApiReady => Box::new(probes::ApiReady { api }),
+                    ProbeKind::ApiLease { lease } => Box::new(probes::ApiLease {
+                        api,
+                        lease: lease.clone(),
+                    }),
+                    _ => Box::new(probes::ApiList { api }),
+                }
+            }
+            ProbeKind::Tcp { node, port } => Box::new(probes::Tcp {
+                addr: (target(&p.name, node)?, *port).into(),
+            }),
+            ProbeKind::Ping { node } => Box::new(probes::Ping {
+                ip: target(&p.name, node)?,
+                seq: 0,
+            }),
+            ProbeKind::LbBackends => Box::new(probes::LbBackends {
+                socket: crate::lb::LbFiles::of(plan).socket,
+            }),
+        };
+        out.push((p.name.clone(), s));
+    }
+    Ok((out, targets))
 }
 
 /// Where the reports of a destroyed lab are kept.

@@ -182,22 +182,25 @@ impl Fault {
                 ms,
                 jitter_ms,
                 loss_percent,
-            } => {
-                let mut s = format!("delay {ms} ms on {node}");
-                if *jitter_ms > 0 {
-                    s.push_str(&format!(" ±{jitter_ms} ms"));
-                }
-                if *loss_percent > 0.0 {
-                    s.push_str(&format!(", {loss_percent}% loss"));
-                }
-                s
-            }
+            } => delay_text(node, *ms, *jitter_ms, *loss_percent),
             Fault::Paused { node } => format!("{node} paused"),
             Fault::Crashed { node } => format!("{node} powered off"),
             Fault::UnitDown { node, unit } => format!("{unit} down on {node}"),
             Fault::BackendDisabled { node } => format!("balancer backend {node} disabled"),
         }
     }
+}
+
+/// `delay 200 ms on NODE ±20 ms, 1% loss` (pure).
+pub fn delay_text(node: &str, ms: u32, jitter_ms: u32, loss_percent: f64) -> String {
+    let mut s = format!("delay {ms} ms on {node}");
+    if jitter_ms > 0 {
+        s.push_str(&format!(" ±{jitter_ms} ms"));
+    }
+    if loss_percent > 0.0 {
+        s.push_str(&format!(", {loss_percent}% loss"));
+    }
+    s
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
