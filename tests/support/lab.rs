@@ -15,20 +15,19 @@ use super::{root, text};
 pub const INSIDE: &str = "KTHW_E2E_INSIDE";
 
 /// Outside: build the image, then re-run `test` inside netns-run. True when the
-/// caller is inside and should do the work.
+/// caller is inside and should do the work. The test is `#[ignore = "real VMs: ..."]`
+/// (see [`super::real_vm_test`]), so its copy inside is started with
+/// `--include-ignored`.
 pub fn enter(test: &str) -> bool {
     if std::env::var_os(INSIDE).is_some() {
         super::report_panics_outward();
         return true;
     }
-    if std::env::var("KTHW_VM_TESTS").as_deref() != Ok("1") {
-        println!("SKIPPED {test}: real-VM test; set KTHW_VM_TESTS=1 to run it");
-        return false;
-    }
+    super::real_vm_test(test);
     let image = super::shared_image();
     let mut cmd = Command::new(root().join("scripts/netns-run"));
     cmd.arg(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--nocapture"])
+        .args(["--exact", test, "--nocapture", "--include-ignored"])
         .env(INSIDE, "1")
         .env("KTHW_E2E_CACHE", image.parent().unwrap().parent().unwrap());
     super::run_inside(cmd, test);

@@ -1,4 +1,5 @@
-//! Shared test support: network namespaces the test creates and always deletes.
+//! Shared test support: network namespaces the test creates and always deletes, the
+//! one way a test asks for a host tool, and the gate of the real-VM tests.
 #![allow(dead_code)]
 
 pub mod lab;
@@ -12,6 +13,45 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The path of `tool` (on PATH, or in /usr/sbin and /sbin, where Debian puts sshd and
+/// friends); panics naming the Debian package when it is missing. A test that cannot
+/// run its check fails: it never passes without having checked anything.
+/// `scripts/deps.sh build test` installs every package named here.
+pub fn require(tool: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "missing {tool}: apt-get install --no-install-recommends {package} (or scripts/deps.sh build test)"
+            )
+        })
+}
+
+/// The gate of every real-VM test (and of tests that start `scripts/netns-run`):
+/// such a test is `#[ignore = "real VMs: ..."]`, so a plain `cargo test` lists it as
+/// ignored instead of booting VMs or passing without having run, and `make test`
+/// runs it (`--run-ignored all`). A real-VM test someone forgot to mark fails here
+/// instead of running in every `cargo test`. Also checks the one thing all of them
+/// need: root (namespaces, libvirtd).
+pub fn real_vm_test(test: &str) {
+    // nextest passes `--ignored` to an ignored test; `cargo test -- --include-ignored`
+    // and `--ignored` pass themselves through.
+    let ignored_run = std::env::args().any(|a| a == "--ignored" || a == "--include-ignored");
+    assert!(
+        ignored_run,
+        "{test} boots real VMs but is not #[ignore]d: mark it #[ignore = \"real VMs: run by make test (--run-ignored all)\"]"
+    );
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "{test} needs root (network namespaces, a private libvirtd)"
+    );
 }
 
 /// A network namespace owned by one test; deleted on drop, even after a panic.

@@ -1,0 +1,209 @@
+//! Rules of the test suite itself, read from the sources: which ignored tests
+//! `make test` runs. A real-VM test is `#[ignore = "real VMs: ..."]` and runs in
+//! `make test` (`--run-ignored all`); every other ignored test (a measurement, a
+//! helper started by another test, a tool for a human) is named in the Makefile's
+//! `NOT_IN_MAKE_TEST` and stays out. So a new ignored test has to say which it is.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+const REAL_VMS: &str = "real VMs:";
+
+/// One `#[test]` function: its ignore reason (`Some("")` for a bare `#[ignore]`)
+/// and its body.
+struct TestFn {
+    file: String,
+    ignore: Option<String>,
+    body: String,
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// Every test function of `text`, by name.
+fn tests_in(file: &str, text: &str) -> Vec<(String, TestFn)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        if lines[i].trim() != "#[test]" {
+            i += 1;
+            continue;
+        }
+        let mut ignore = None;
+        let mut j = i + 1;
+        while j < lines.len() && lines[j].trim_start().starts_with("#[") {
+            let a = lines[j].trim();
+            if let Some(rest) = a.strip_prefix("#[ignore") {
+                let reason = rest
+                    .split_once('"')
+                    .and_then(|(_, r)| r.rsplit_once('"'))
+                    .map(|(r, _)| r.to_string())
+                    .unwrap_or_default();
+                ignore = Some(reason);
+            }
+            j += 1;
+        }
+        let sig = lines.get(j).copied().unwrap_or_default();
+        let name = sig
+            .trim_start()
+            .trim_start_matches("pub ")
+            .trim_start_matches("async ")
+            .strip_prefix("fn ")
+            .and_then(|r| r.split('(').next())
+            .unwrap_or_else(|| panic!("{file}:{}: #[test] without a fn: {sig}", j + 1))
+            .to_string();
+        // The body: up to the closing brace at the fn's own indentation.
+        let indent = sig.len() - sig.trim_start().len();
+        let close = format!("{}}}", " ".repeat(indent));
+        let mut k = j + 1;
+        while k < lines.len() && lines[k] != close {
+            k += 1;
+        }
+        let body = lines[j..k.min(lines.len())].join("\n");
+        out.push((
+            name,
+            TestFn {
+                file: file.to_string(),
+                ignore,
+                body,
+            },
+        ));
+        i = k;
+    }
+    out
+}
+
+fn all_tests() -> BTreeMap<String, Vec<TestFn>> {
+    let root = support::root();
+    let mut files = Vec::new();
+    rust_files(&root.join("tests"), &mut files);
+    rust_files(&root.join("src"), &mut files);
+    let mut by_name: BTreeMap<String, Vec<TestFn>> = BTreeMap::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let rel = f.strip_prefix(&root).unwrap().display().to_string();
+        for (name, t) in tests_in(&rel, &text) {
+            by_name.entry(name).or_default().push(t);
+        }
+    }
+    by_name
+}
+
+/// The test names of the Makefile's `NOT_IN_MAKE_TEST := ...` (with `\` lines).
+fn not_in_make_test(makefile: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut lines = makefile.lines();
+    while let Some(l) = lines.next() {
+        let Some(rest) = l.strip_prefix("NOT_IN_MAKE_TEST :=") else {
+            continue;
+        };
+        let mut cur = rest.to_string();
+        loop {
+            let more = cur.trim_end().ends_with('\\');
+            words.extend(
+                cur.trim_end()
+                    .trim_end_matches('\\')
+                    .split_whitespace()
+                    .map(str::to_string),
+            );
+            if !more {
+                break;
+            }
+            cur = lines.next().unwrap_or_default().to_string();
+        }
+    }
+    words
+}
+
+#[test]
+fn every_ignored_test_is_either_a_real_vm_test_or_left_out_of_make_test_by_name() {
+    let tests = all_tests();
+    let makefile = std::fs::read_to_string(support::root().join("Makefile")).unwrap();
+    let left_out = not_in_make_test(&makefile);
+    assert!(
+        !left_out.is_empty(),
+        "NOT_IN_MAKE_TEST not found in the Makefile"
+    );
+    let mut problems = Vec::new();
+    for name in &left_out {
+        match tests.get(name) {
+            None => problems.push(format!(
+                "NOT_IN_MAKE_TEST names `{name}`, which is no test"
+            )),
+            Some(ts) => {
+                for t in ts {
+                    match &t.ignore {
+                        None => problems.push(format!(
+                            "{}: `{name}` is in NOT_IN_MAKE_TEST but not #[ignore]d",
+                            t.file
+                        )),
+                        Some(r) if r.starts_with(REAL_VMS) => problems.push(format!(
+                            "{}: `{name}` is a real-VM test (make test runs those) but also in NOT_IN_MAKE_TEST",
+                            t.file
+                        )),
+                        Some(_) => {}
+                    }
+                }
+            }
+        }
+    }
+    let mut real_vm = 0;
+    for (name, ts) in &tests {
+        for t in ts {
+            let boots = t.body.contains("enter(\"") || t.body.contains("real_vm_test(\"");
+            match &t.ignore {
+                Some(r) if r.starts_with(REAL_VMS) => {
+                    real_vm += 1;
+                    if !boots {
+                        problems.push(format!(
+                            "{}: `{name}` says {REAL_VMS:?} but does not go through enter()/real_vm_test()",
+                            t.file
+                        ));
+                    }
+                }
+                Some(r) if !left_out.contains(name) => problems.push(format!(
+                    "{}: `{name}` is #[ignore = {r:?}]: make test would run it; start the reason with {REAL_VMS:?} if it is a real-VM test, else add it to NOT_IN_MAKE_TEST",
+                    t.file
+                )),
+                Some(_) => {}
+                None if boots => problems.push(format!(
+                    "{}: `{name}` boots real VMs but is not #[ignore = \"{REAL_VMS} ...\"]: a plain cargo test would run it",
+                    t.file
+                )),
+                None => {}
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    // The real-VM tests of today: vm (1), vm_netns (4), e2e_lab, e2e_faults and
+    // e2e_side_by_side (1 each).
+    assert!(real_vm >= 8, "only {real_vm} real-VM tests found");
+}
+
+#[test]
+fn the_scan_sees_attributes_and_bodies() {
+    let text = "#[test]\n#[ignore = \"real VMs: x\"]\nfn a() {\n    if !enter(\"a\") {\n        return;\n    }\n}\n\n#[test]\nfn b() {\n    let x = 1;\n}\n\n    #[test]\n    #[ignore]\n    fn c() {\n        x();\n    }\n";
+    let t = tests_in("t.rs", text);
+    let names: Vec<&str> = t.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    assert_eq!(t[0].1.ignore.as_deref(), Some("real VMs: x"));
+    assert!(t[0].1.body.contains("enter(\"a\")"));
+    assert_eq!(t[1].1.ignore, None);
+    assert!(!t[1].1.body.contains("enter"));
+    assert_eq!(t[2].1.ignore.as_deref(), Some(""));
+    assert_eq!(
+        not_in_make_test("X := 1\nNOT_IN_MAKE_TEST := a b \\\n  c\nunit:\n"),
+        ["a", "b", "c"]
+    );
+}
