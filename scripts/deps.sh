@@ -8,8 +8,10 @@ declare -A GROUPS_PKGS=(
   # Compile the tool: libvirt bindings, libssh2/openssl for ssh2, a C toolchain.
   [build]="build-essential pkg-config libvirt-dev libssl-dev libssh2-1-dev cmake"
   # Everything the tests drive for real: libvirt + qemu (TCG), image building,
-  # seed inspection, netlink/nft in namespaces, TLS/kubeconfig checks, etcd, LB baselines.
-  [test]="libvirt-daemon-system libvirt-clients libxml2-utils qemu-system-x86 qemu-utils mmdebstrap debian-archive-keyring e2fsprogs util-linux dosfstools mtools nftables iproute2 iputils-ping conntrack procps openssl openssh-server openssh-client etcd-server etcd-client tar"
+  # seed inspection, netlink/nft in namespaces, TLS/kubeconfig checks, etcd, LB baselines,
+  # `systemd-analyze verify` of the rendered units. Every package a test names in
+  # support::require() is here (tests/suite.rs checks it): a missing tool fails the test.
+  [test]="libvirt-daemon-system libvirt-clients libxml2-utils qemu-system-x86 qemu-utils mmdebstrap debian-archive-keyring e2fsprogs util-linux dosfstools mtools nftables iproute2 iputils-ping conntrack procps openssl openssh-server openssh-client etcd-server etcd-client tar systemd"
   # What a lab host needs at run time.
   [lab]="libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils mmdebstrap debian-archive-keyring e2fsprogs nftables iproute2 openssh-client"
   # Baselines the benchmarks compare against: HAProxy and nginx beside the balancer;

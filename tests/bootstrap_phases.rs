@@ -149,7 +149,7 @@ fn remote(sshd: &Sshd) -> SshRemote {
 
 #[test]
 fn sync_files_writes_only_what_differs() {
-    let Some(sshd) = start_sshd() else { return };
+    let sshd = start_sshd();
     let r = remote(&sshd);
     let base = sshd.dir.path().join("node-root");
     let p = plan_2m2w();
@@ -182,7 +182,7 @@ fn sync_files_writes_only_what_differs() {
 
 #[test]
 fn archive_members_are_installed_with_their_mode() {
-    let Some(sshd) = start_sshd() else { return };
+    let sshd = start_sshd();
     let r = remote(&sshd);
     let work = sshd.dir.path().join("archive");
     std::fs::create_dir_all(work.join("src/pkg-v1")).unwrap();
@@ -281,7 +281,7 @@ fn tool_catalog(bin_sha: &str) -> ComponentCatalog {
 fn components_install_from_the_cache_once_and_refuse_a_tampered_file() {
     use kthw_lab::actions::bootstrap::install_component;
     use sha2::Digest;
-    let Some(sshd) = start_sshd() else { return };
+    let sshd = start_sshd();
     let r = remote(&sshd);
     let p = plan_2m2w();
     let cache = sshd.dir.path().join("cache");
@@ -355,19 +355,14 @@ fn components_install_from_the_cache_once_and_refuse_a_tampered_file() {
 
 /// The health check and its parser against a real etcd (Debian's 3.4) serving TLS
 /// with client-certificate auth on 127.0.0.1, plus an endpoint nobody listens on.
-/// Certificates come from openssl in a temp dir. Skipped without etcd or openssl.
+/// Certificates come from openssl in a temp dir.
 #[test]
 fn etcd_health_reads_real_etcdctl_output() {
     use kthw_lab::actions::bootstrap::etcd_health_cmd_with;
-    let (etcd, etcdctl) = ("/usr/bin/etcd", "/usr/bin/etcdctl");
-    let have_openssl = Command::new("openssl")
-        .arg("version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !Path::new(etcd).exists() || !Path::new(etcdctl).exists() || !have_openssl {
-        eprintln!("skipped: etcd, etcdctl or openssl missing");
-        return;
-    }
+    let etcd = support::require("etcd", "etcd-server");
+    let etcdctl = support::require("etcdctl", "etcd-client");
+    let etcdctl = etcdctl.to_str().unwrap();
+    support::require("openssl", "openssl");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let sh = |cmd: &str| {
@@ -400,7 +395,7 @@ fn etcd_health_reads_real_etcdctl_output() {
     };
     let (client, peer, dead) = (port(), port(), port());
     let p = |f: &str| d.join(f).display().to_string();
-    let mut child = Command::new(etcd)
+    let mut child = Command::new(&etcd)
         .args([
             "--name=t".to_string(),
             format!("--data-dir={}", p("data")),

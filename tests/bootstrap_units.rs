@@ -319,14 +319,16 @@ fn a_lone_worker_gets_a_valid_routes_unit_without_routes() {
 
 /// The etcd unit's flags and the etcdctl health command's flags, checked against
 /// the `--help` of the real etcd/etcdctl 3.4 that Debian ships (the image's
-/// packages). Skipped when they are not installed here.
+/// packages, installed here by `scripts/deps.sh test`).
 #[test]
 fn etcd_flags_exist_in_the_debian_etcd_binaries() {
+    // The image's paths, which the unit names: the host's packages put them there too.
     let (etcd, etcdctl) = ("/usr/bin/etcd", "/usr/bin/etcdctl");
-    if !Path::new(etcd).exists() || !Path::new(etcdctl).exists() {
-        eprintln!("skipped: {etcd} or {etcdctl} missing (apt-get install etcd-server etcd-client)");
-        return;
-    }
+    assert_eq!(support::require("etcd", "etcd-server"), Path::new(etcd));
+    assert_eq!(
+        support::require("etcdctl", "etcd-client"),
+        Path::new(etcdctl)
+    );
     let help = |bin: &str| {
         let out = std::process::Command::new(bin)
             .arg("--help")
@@ -369,14 +371,10 @@ fn etcd_flags_exist_in_the_debian_etcd_binaries() {
 
 /// Every rendered unit passes `systemd-analyze verify` (offline, read-only). The
 /// only complaint allowed is a downloaded binary that is not installed on this
-/// machine. Skipped when systemd-analyze is missing.
+/// machine.
 #[test]
 fn rendered_units_pass_systemd_analyze_verify() {
-    let tool = "/usr/bin/systemd-analyze";
-    if !Path::new(tool).exists() {
-        eprintln!("skipped: {tool} missing");
-        return;
-    }
+    let tool = support::require("systemd-analyze", "systemd");
     let p = plan_2m2w();
     let dir = tempfile::tempdir().unwrap();
     let mut checked = 0;
@@ -388,7 +386,7 @@ fn rendered_units_pass_systemd_analyze_verify() {
         std::fs::create_dir_all(&nd).unwrap();
         let unit = nd.join(name);
         std::fs::write(&unit, &f.content).unwrap();
-        let out = std::process::Command::new(tool)
+        let out = std::process::Command::new(&tool)
             .args(["verify", "--man=no"])
             .arg(&unit)
             .output()

@@ -3,6 +3,8 @@
 //! `make test` (`--run-ignored all`); every other ignored test (a measurement, a
 //! helper started by another test, a tool for a human) is named in the Makefile's
 //! `NOT_IN_MAKE_TEST` and stays out. So a new ignored test has to say which it is.
+//! And every package a test asks for with `support::require(tool, package)` is one
+//! `scripts/deps.sh build test` installs.
 
 mod support;
 
@@ -138,9 +140,7 @@ fn every_ignored_test_is_either_a_real_vm_test_or_left_out_of_make_test_by_name(
     let mut problems = Vec::new();
     for name in &left_out {
         match tests.get(name) {
-            None => problems.push(format!(
-                "NOT_IN_MAKE_TEST names `{name}`, which is no test"
-            )),
+            None => problems.push(format!("NOT_IN_MAKE_TEST names `{name}`, which is no test")),
             Some(ts) => {
                 for t in ts {
                     match &t.ignore {
@@ -206,4 +206,55 @@ fn the_scan_sees_attributes_and_bodies() {
         not_in_make_test("X := 1\nNOT_IN_MAKE_TEST := a b \\\n  c\nunit:\n"),
         ["a", "b", "c"]
     );
+}
+
+/// The packages of a group of `scripts/deps.sh` (`[group]="a b c"`).
+fn deps_group(script: &str, group: &str) -> Vec<String> {
+    let key = format!("[{group}]=\"");
+    let line = script
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(key.as_str()))
+        .unwrap_or_else(|| panic!("no group {group} in scripts/deps.sh"));
+    line.trim_end_matches('"')
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn every_package_a_test_requires_is_installed_by_deps_sh() {
+    let root = support::root();
+    let script = std::fs::read_to_string(root.join("scripts/deps.sh")).unwrap();
+    let mut installed = deps_group(&script, "build");
+    installed.extend(deps_group(&script, "test"));
+    assert!(installed.contains(&"openssh-server".to_string()));
+    let mut files = Vec::new();
+    rust_files(&root.join("tests"), &mut files);
+    let mut asked = 0;
+    let mut problems = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for call in text.split("require(\"").skip(1) {
+            // `tool", "package")`
+            let Some((tool, rest)) = call.split_once('"') else {
+                continue;
+            };
+            let Some(pkg) = rest
+                .strip_prefix(", \"")
+                .and_then(|r| r.split_once('"'))
+                .map(|(p, _)| p)
+            else {
+                continue;
+            };
+            asked += 1;
+            if !installed.iter().any(|p| p == pkg) {
+                problems.push(format!(
+                    "{}: require(\"{tool}\", \"{pkg}\"): scripts/deps.sh build test does not install {pkg}",
+                    f.strip_prefix(&root).unwrap().display()
+                ));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert!(asked >= 10, "only {asked} require() calls found");
 }
