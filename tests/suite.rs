@@ -258,3 +258,32 @@ fn every_package_a_test_requires_is_installed_by_deps_sh() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     assert!(asked >= 10, "only {asked} require() calls found");
 }
+
+/// The residue probes of the real-VM tests (`support::lab`) fail when their command
+/// does: a failing `virsh`, `ip` or `nft` must never read as "nothing left".
+#[test]
+fn lab_probes_fail_when_their_command_fails() {
+    use support::lab::{about_listed, json, sh, sh_may_fail};
+    let fails = |f: &(dyn Fn() + std::panic::RefUnwindSafe)| std::panic::catch_unwind(f).is_err();
+    assert_eq!(sh("echo hi"), "hi\n");
+    assert!(fails(&|| {
+        sh("echo partial; exit 3");
+    }));
+    // Empty output is not an empty list.
+    assert!(fails(&|| {
+        json("true");
+    }));
+    assert!(fails(&|| {
+        json("echo '[]'; exit 1");
+    }));
+    assert_eq!(json("echo '[]'"), serde_json::json!([]));
+    assert_eq!(sh_may_fail("exit 1"), None);
+    assert_eq!(sh_may_fail("echo x").as_deref(), Some("x\n"));
+    // A thing that went away between the listing and the question is skipped; one
+    // still listed makes the failure real.
+    assert_eq!(about_listed("exit 1", || false), None);
+    assert!(fails(&|| {
+        about_listed("exit 1", || true);
+    }));
+    assert_eq!(about_listed("echo y", || true).as_deref(), Some("y\n"));
+}
