@@ -1,7 +1,9 @@
 //! Bootstrap phases: the commands they build (pure), what they check, the missing
 //! component error, and the file-sync and archive-install steps run for real over
 //! SSH on 127.0.0.1 into a temp dir. The phases themselves change systemd units and
-//! routes, so they only run against the lab's VMs (the lead's end-to-end test).
+//! routes, so they only run against the lab's VMs: etcd, routes and runtime in the
+//! VM end-to-end tests; control-plane and workers in no test (the Kubernetes server
+//! binaries cannot be obtained here).
 
 use std::collections::HashMap;
 use std::net::TcpListener;

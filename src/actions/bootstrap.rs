@@ -4,8 +4,16 @@
 //! changed, then checks again.
 //!
 //! The commands are built by pure functions (tested without any node); the phases
-//! run them through a [`Remote`]. They are exercised for real by the VM end-to-end
-//! test; here nothing may touch this host's systemd or routes.
+//! run them through a [`Remote`]. What runs against real nodes: `etcd`, `routes` and
+//! `runtime`, in the VM end-to-end tests (`tests/e2e_lab.rs`, `e2e_faults.rs`,
+//! `e2e_side_by_side.rs`: `create --until runtime`). `control-plane`, `workers` and
+//! `smoke` never run against a node in any test: the Kubernetes server binaries
+//! cannot be obtained on the machines the tests run on. They are covered only by
+//! their pure parts (commands, manifests, the RBAC and smoke steps, the rendered
+//! units and flags, the API client against fixtures), by the file-sync and
+//! component-install steps over SSH on loopback, and, end to end, by the error
+//! `create --from control-plane --until control-plane` gives when those binaries are
+//! missing (`e2e_lab`). Tests never touch this host's systemd or routes.
 //!
 //! Wiring, for the runner: build a [`Bootstrap`] from the plan, the component
 //! catalog and the cache dir; fill `files` from the PKI distribution
