@@ -101,13 +101,32 @@ fn route_check_reads_ip_json() {
     let wrong = r#"[{"dst":"10.100.0.0/24","gateway":"10.200.1.99"},{"dst":"10.100.1.0/24","gateway":"10.200.1.13"}]"#;
     assert_eq!(missing_routes(&expected, wrong).unwrap().len(), 1);
     assert!(missing_routes(&expected, "not json").is_err());
-    // The real `ip -j route` of this host parses (read-only).
-    if let Ok(out) = Command::new("ip").args(["-j", "route", "show"]).output() {
-        if out.status.success() {
-            let text = String::from_utf8_lossy(&out.stdout);
-            assert_eq!(missing_routes(&expected, &text).unwrap().len(), 2);
-        }
-    }
+}
+
+/// The route check against the real `ip -j route` output of a node-like namespace
+/// this test makes (never the host's own table, which may hold a running lab's
+/// routes): one pod route present, the other only via a wrong gateway.
+#[test]
+fn route_check_reads_real_ip_json_in_a_namespace() {
+    let p = plan_2m2w();
+    let m1 = p.node("m1").unwrap();
+    let expected = units::pod_routes(&p, m1);
+    assert_eq!(expected.len(), 2);
+    let ns = support::Netns::new("routes");
+    ns.sh(
+        "ip link add eth0 type veth peer name eth1 && ip link set eth1 up && \
+         ip addr add 10.200.1.10/24 dev eth0 && ip link set eth0 up && \
+         ip route add 10.100.0.0/24 via 10.200.1.12 dev eth0 proto static && \
+         ip route add 10.100.1.0/24 via 10.200.1.99 dev eth0 proto static",
+    );
+    let out = ns.sh("ip -j route show");
+    let missing = missing_routes(&expected, &out).unwrap();
+    assert_eq!(missing.len(), 1, "{out}");
+    assert_eq!(missing[0].dst, "10.100.1.0/24");
+    assert_eq!(missing[0].via, "10.200.1.13");
+    ns.sh("ip route replace 10.100.1.0/24 via 10.200.1.13 dev eth0 proto static");
+    let out = ns.sh("ip -j route show");
+    assert_eq!(missing_routes(&expected, &out).unwrap(), [], "{out}");
 }
 
 #[test]
