@@ -396,3 +396,18 @@ fn an_unknown_phase_in_the_fault_hook_is_refused_before_anything_happens() {
         "nothing was written"
     );
 }
+
+/// `reset` reverts to the state saved after the first boot (see commands.rs
+/// cmd_reset); its help says so, not that it makes new overlays.
+#[test]
+fn reset_help_describes_the_saved_fresh_state() {
+    let o = run(&["reset", "--help"]);
+    assert!(o.status.success());
+    let help = text(&o.stdout);
+    assert!(!help.contains("overlay"), "{help}");
+    assert!(
+        help.contains("saved right after their first boot"),
+        "{help}"
+    );
+    assert!(help.contains("boots again"), "{help}");
+}
