@@ -411,3 +411,24 @@ fn reset_help_describes_the_saved_fresh_state() {
     );
     assert!(help.contains("boots again"), "{help}");
 }
+
+/// A version the component catalog has no release for is refused by `plan`, before
+/// anything boots, with its position and the versions the catalog knows.
+#[test]
+fn plan_refuses_a_version_the_catalog_does_not_know() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("v.yaml");
+    std::fs::write(
+        &f,
+        "name: lab\ncontrollers: {count: 1}\nworkers: {count: 1}\nload_balancer: {address: 10.200.1.15}\nversions:\n  kubernetes: 9.99.0\n",
+    )
+    .unwrap();
+    let o = run(&["plan", f.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("v.yaml:6:15: versions.kubernetes: kubernetes 9.99.0 is not in the component catalog, which knows kubernetes 1.32.3"),
+        "{err}"
+    );
+    assert!(err.contains("hint: "), "{err}");
+}
