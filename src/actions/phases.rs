@@ -392,9 +392,9 @@ impl Action for LbPhase {
         );
         let ca = crate::pki::cert_path(&cx.plan.paths.pki, "ca");
         let config = config_from_plan(cx.plan, &ca).map_err(lb_error)?;
-        std::fs::create_dir_all(&cx.plan.paths.lb).map_err(|e| {
-            Error::with_source(format!("cannot create {}", cx.plan.paths.lb.display()), e)
-        })?;
+        crate::state::ensure_dir_mode(&cx.plan.paths.lb, crate::state::PRIVATE_DIR_MODE).map_err(
+            |e| Error::with_source(format!("cannot create {}", cx.plan.paths.lb.display()), e),
+        )?;
         config.save(&files.config).map_err(lb_error)?;
         let exe = std::env::current_exe()
             .map_err(|e| Error::with_source("cannot find this program to start the balancer", e))?;
@@ -531,14 +531,15 @@ impl Action for DisksPhase {
         let img = lab_image(cx.plan, &self.opts, CacheProgress::Lines)?;
         let keys = ssh::ensure_lab_keys(cx.plan)
             .map_err(|e| provision("the lab's ssh keys".into(), e.hint(), e))?;
-        for dir in [
-            &cx.plan.paths.disks,
-            &cx.plan.paths.seeds,
-            &cx.plan.paths.console,
-        ] {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::with_source(format!("cannot create {}", dir.display()), e))?;
-        }
+        crate::state::ensure_node_dirs(cx.plan).map_err(|e| {
+            Error::with_source(
+                format!(
+                    "cannot create the node directories under {}",
+                    cx.plan.paths.root.display()
+                ),
+                e,
+            )
+        })?;
         for n in &cx.plan.nodes {
             cx.check_cancel(Phase::Disks)?;
             let line = cx.progress.line(&n.name, "overlay and seed");
@@ -1134,7 +1135,7 @@ fn fetch_components(
         match result {
             Ok(_) => line.done("downloaded and verified"),
             Err(e) if optional => {
-                let _ = std::fs::write(&gave_up, format!("{e}\n"));
+                let _ = super::journal::write_atomic(&gave_up, format!("{e}\n").as_bytes(), 0o600);
                 line.fail(&format!("{e} (optional: not retried for this lab)"));
             }
             Err(e) => line.fail(&e),
