@@ -287,5 +287,40 @@ fn connect_error_names_the_uri() {
             .starts_with("cannot connect to libvirt at qemu+unix"),
         "{err}"
     );
-    assert!(err.hint().contains("libvirtd"));
+    assert!(
+        err.hint().contains("libvirtd is not running"),
+        "{}",
+        err.hint()
+    );
+}
+
+#[test]
+fn the_connect_hint_says_how_to_start_libvirtd_on_this_kind_of_host() {
+    use kthw_lab::host::libvirt::connect_hint;
+    let gone =
+        "Failed to connect socket to '/var/run/libvirt/libvirt-sock': No such file or directory";
+    let with = connect_hint("qemu:///system", gone, true);
+    assert!(with.contains("`systemctl start libvirtd`"), "{with}");
+    let without = connect_hint("qemu:///system", gone, false);
+    assert!(without.contains("`virtlogd -d; libvirtd -d`"), "{without}");
+    let refused = connect_hint(
+        "qemu+unix:///system?socket=/run/x",
+        "Failed to connect socket to '/run/x': Connection refused",
+        false,
+    );
+    assert!(refused.contains("libvirtd is not running"), "{refused}");
+    let denied = connect_hint(
+        "qemu:///system",
+        "Failed to connect socket to '/var/run/libvirt/libvirt-sock': Permission denied",
+        true,
+    );
+    assert!(denied.contains("run as root"), "{denied}");
+    // Another daemon than the local system one: no start command to give.
+    let remote = connect_hint(
+        "qemu+ssh://h/system",
+        "Cannot recv data: Connection reset",
+        true,
+    );
+    assert!(!remote.contains("systemctl"), "{remote}");
+    assert!(remote.contains("qemu+ssh://h/system"), "{remote}");
 }

