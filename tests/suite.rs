@@ -287,3 +287,32 @@ fn lab_probes_fail_when_their_command_fails() {
     }));
     assert_eq!(about_listed("echo y", || true).as_deref(), Some("y\n"));
 }
+
+/// The test outside netns-run fails when the copy inside ran no test: libtest exits
+/// 0 for a name that matched nothing, or for an ignored test started without
+/// `--include-ignored`, and that must not read as a pass.
+#[test]
+fn a_copy_inside_that_ran_nothing_fails_the_test_outside() {
+    use std::process::Command;
+    let ran_nothing = || {
+        let mut c = Command::new("sh");
+        c.args(["-c", "exit 0"]);
+        support::run_inside(c, "probe");
+    };
+    assert!(std::panic::catch_unwind(ran_nothing).is_err());
+    let mut c = Command::new("sh");
+    c.args(["-c", "echo started > \"$KTHW_E2E_RAN_FILE\""]);
+    support::run_inside(c, "probe");
+    // A copy that failed still fails the test, with what it reported.
+    let failed = || {
+        let mut c = Command::new("sh");
+        c.args([
+            "-c",
+            "echo 'inner reason' > \"$KTHW_E2E_PANIC_FILE\"; exit 3",
+        ]);
+        support::run_inside(c, "probe");
+    };
+    let e = std::panic::catch_unwind(failed).unwrap_err();
+    let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(msg.contains("inner reason"), "{msg}");
+}

@@ -162,8 +162,17 @@ pub fn shared_image() -> PathBuf {
 /// output is thousands of lines, and a CI excerpt shows only its head and tail.
 const PANIC_FILE: &str = "KTHW_E2E_PANIC_FILE";
 
-/// Inside netns-run: write every panic to the file the test outside reads, too.
+/// Where the copy inside says that it started, so the test outside can tell a run
+/// from a copy that matched no test (a wrong name, or an ignored test started
+/// without `--include-ignored`), which libtest reports as success.
+const RAN_FILE: &str = "KTHW_E2E_RAN_FILE";
+
+/// Inside netns-run: say that the test started, and write every panic to the file
+/// the test outside reads, too.
 pub fn report_panics_outward() {
+    if let Some(ran) = std::env::var_os(RAN_FILE) {
+        std::fs::write(ran, "started\n").expect("tell the test outside that this one runs");
+    }
     let Some(path) = std::env::var_os(PANIC_FILE) else {
         return;
     };
@@ -185,11 +194,18 @@ pub fn report_panics_outward() {
 /// test inside panic.
 pub fn run_inside(mut cmd: Command, test: &str) {
     let file = tempfile::NamedTempFile::new().unwrap();
+    let ran = tempfile::NamedTempFile::new().unwrap();
     let st = cmd
         .env(PANIC_FILE, file.path())
+        .env(RAN_FILE, ran.path())
         .status()
         .expect("run scripts/netns-run");
     if st.success() {
+        let started = std::fs::read_to_string(ran.path()).unwrap_or_default();
+        assert!(
+            started.contains("started"),
+            "{test} did not run inside scripts/netns-run: the copy there matched no test (is it ignored and started without --include-ignored?)"
+        );
         return;
     }
     let why = std::fs::read_to_string(file.path()).unwrap_or_default();
