@@ -95,7 +95,11 @@ pub enum Command {
         #[command(flatten)]
         connect: Connect,
     },
-    /// Return a lab's VMs to their freshly booted state (new overlays, same keys)
+    /// Put a lab's VMs back to the state saved right after their first boot
+    ///
+    /// Each node goes back, in seconds, to the memory and disk `wait-ssh` saved at its
+    /// first login: same keys and certificates, nothing bootstrapped. A node without
+    /// that saved state boots again instead. Run `create` afterwards to bootstrap again.
     Reset {
         lab: String,
         #[command(flatten)]

@@ -181,7 +181,11 @@ fn cmd_create(path: &Path, range: Range, connect: &str, state_dir: &Path) -> Res
         }
     }
     let others = crate::state::other_plans(&state_dir, &plan.lab);
-    let findings = crate::host::preflight::check_host(&plan, &state_dir, &others);
+    let mut findings = crate::host::preflight::check_host(&plan, &state_dir, &others);
+    let needs = range.hypervisor_needs();
+    findings.extend(crate::host::preflight::check_hypervisor(
+        &plan, &state_dir, connect, needs,
+    ));
     if !findings.is_empty() {
         let mut hints: Vec<String> = findings.iter().map(|f| f.hint.clone()).collect();
         hints.dedup();
@@ -752,6 +756,7 @@ fn read_journal(plan: &crate::plan::LabPlan) -> Option<Journal> {
 /// the network stay, so `start` brings the same lab back without bootstrapping.
 fn cmd_stop(lab: &str, connect: &str, state_dir: &Path) -> Result<()> {
     let plan = saved_plan(state_dir, lab)?;
+    actions::phases::require_libvirt(connect)?;
     let progress = Progress::new();
     let files = crate::lb::LbFiles::of(&plan);
     if crate::lb::is_running(&files.pid) {
@@ -786,6 +791,7 @@ fn cmd_start(lab: &str, connect: &str, state_dir: &Path) -> Result<()> {
             source: None,
         });
     }
+    actions::phases::require_libvirt(connect)?;
     let opts = phase_options(connect, state_dir);
     let progress = Progress::new();
     let cx = RunCtx::new(&plan, progress.clone(), Cancel::new());
@@ -820,6 +826,7 @@ fn cmd_reset(lab: &str, connect: &str, state_dir: &Path) -> Result<()> {
             source: None,
         });
     };
+    actions::phases::require_libvirt(connect)?;
     let opts = phase_options(connect, state_dir);
     let progress = Progress::new();
     let t0 = std::time::Instant::now();

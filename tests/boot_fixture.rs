@@ -62,10 +62,3 @@ pub fn lab_plan(
     .unwrap_or_else(|e| panic!("scenario: {e}: {:#?}", e.diagnostics));
     plan(&s, &text, state_dir)
 }
-
-/// Whether a program is on PATH.
-pub fn have(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
-        .unwrap_or(false)
-}

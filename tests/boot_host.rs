@@ -4,6 +4,9 @@
 
 #[path = "boot_fixture.rs"]
 mod fixture;
+mod support;
+
+use support::require;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -18,17 +21,6 @@ use kthw_lab::host::seed::{read_seed, remove_seed, write_seed};
 use kthw_lab::host::ssh::ensure_lab_keys;
 use kthw_lab::render::cloudinit::render_seed;
 use kthw_lab::render::domain::{render_domain, Boot, DomainOptions, SeedKind};
-
-fn require(tool: &str, package: &str) -> bool {
-    if fixture::have(tool) {
-        return true;
-    }
-    if std::env::var_os("KTHW_REQUIRE_TOOLS").is_some() {
-        panic!("{tool} is missing (apt-get install {package})");
-    }
-    eprintln!("SKIPPED: {tool} not installed (package {package})");
-    false
-}
 
 fn opts() -> DomainOptions {
     DomainOptions {
@@ -67,25 +59,23 @@ fn keys_are_generated_once_and_kept() {
     let known = std::fs::read_to_string(&a.known_hosts).unwrap();
     assert!(known.contains("m1,10.200.1.10 ssh-ed25519 "), "{known}");
     // OpenSSH itself accepts the key files.
-    if fixture::have("ssh-keygen") {
-        let out = Command::new("ssh-keygen")
-            .arg("-y")
-            .arg("-f")
-            .arg(&a.user.private_path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .nth(1),
-            a.user.public_openssh.split_whitespace().nth(1)
-        );
-    }
+    let out = Command::new(require("ssh-keygen", "openssh-client"))
+        .arg("-y")
+        .arg("-f")
+        .arg(&a.user.private_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1),
+        a.user.public_openssh.split_whitespace().nth(1)
+    );
 }
 
 #[test]
@@ -136,16 +126,14 @@ fn seed_is_a_cidata_fat_volume_with_the_rendered_files() {
     assert!(user_data
         .1
         .contains(keys.hosts["m1"].public_openssh.as_str()));
-    if require("blkid", "util-linux") {
-        let out = Command::new("blkid")
-            .args(["-p", "-o", "export"])
-            .arg(&node.seed_path)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("LABEL=CIDATA"), "{text}");
-        assert!(text.contains("TYPE=vfat"), "{text}");
-    }
+    let out = Command::new(require("blkid", "util-linux"))
+        .args(["-p", "-o", "export"])
+        .arg(&node.seed_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("LABEL=CIDATA"), "{text}");
+    assert!(text.contains("TYPE=vfat"), "{text}");
     remove_seed(&node.seed_path).unwrap();
     remove_seed(&node.seed_path).unwrap();
     assert!(!node.seed_path.exists());
@@ -153,9 +141,7 @@ fn seed_is_a_cidata_fat_volume_with_the_rendered_files() {
 
 #[test]
 fn overlays_sit_on_the_base_and_pass_qemu_img_check() {
-    if !require("qemu-img", "qemu-utils") {
-        return;
-    }
+    require("qemu-img", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.qcow2");
     let st = Command::new("qemu-img")
@@ -338,7 +324,42 @@ fn connect_error_names_the_uri() {
             .starts_with("cannot connect to libvirt at qemu+unix"),
         "{err}"
     );
-    assert!(err.hint().contains("libvirtd"));
+    assert!(
+        err.hint().contains("libvirtd is not running"),
+        "{}",
+        err.hint()
+    );
+}
+
+#[test]
+fn the_connect_hint_says_how_to_start_libvirtd_on_this_kind_of_host() {
+    use kthw_lab::host::libvirt::connect_hint;
+    let gone =
+        "Failed to connect socket to '/var/run/libvirt/libvirt-sock': No such file or directory";
+    let with = connect_hint("qemu:///system", gone, true);
+    assert!(with.contains("`systemctl start libvirtd`"), "{with}");
+    let without = connect_hint("qemu:///system", gone, false);
+    assert!(without.contains("`virtlogd -d; libvirtd -d`"), "{without}");
+    let refused = connect_hint(
+        "qemu+unix:///system?socket=/run/x",
+        "Failed to connect socket to '/run/x': Connection refused",
+        false,
+    );
+    assert!(refused.contains("libvirtd is not running"), "{refused}");
+    let denied = connect_hint(
+        "qemu:///system",
+        "Failed to connect socket to '/var/run/libvirt/libvirt-sock': Permission denied",
+        true,
+    );
+    assert!(denied.contains("run as root"), "{denied}");
+    // Another daemon than the local system one: no start command to give.
+    let remote = connect_hint(
+        "qemu+ssh://h/system",
+        "Cannot recv data: Connection reset",
+        true,
+    );
+    assert!(!remote.contains("systemctl"), "{remote}");
+    assert!(remote.contains("qemu+ssh://h/system"), "{remote}");
 }
 
 /// The tap devices of a running domain, as libvirt's live XML names them (what a

@@ -22,20 +22,19 @@ struct Sshd {
 }
 
 /// sshd on 127.0.0.1 with `host` as its only host key, accepting `user`'s key for root.
-fn sshd(dir: &Path, host: &KeyPair, user: &KeyPair) -> Option<Sshd> {
-    let ok = fixture::have("sshd") || Path::new("/usr/sbin/sshd").exists();
-    if !ok || unsafe { libc::geteuid() } != 0 {
-        if std::env::var_os("KTHW_REQUIRE_TOOLS").is_some() {
-            panic!("needs root and sshd (apt-get install openssh-server)");
-        }
-        eprintln!("SKIPPED: needs root and sshd (package openssh-server)");
-        return None;
-    }
+fn sshd(dir: &Path, host: &KeyPair, user: &KeyPair) -> Sshd {
+    let sshd = support::require("sshd", "openssh-server");
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "sshd with its privilege separation needs root"
+    );
     std::fs::create_dir_all("/run/sshd").unwrap();
     let auth = dir.join("authorized_keys");
     std::fs::write(&auth, format!("{}\n", user.public_openssh)).unwrap();
     let port = free_port();
-    let child = Command::new("/usr/sbin/sshd")
+    let child = Command::new(sshd)
         .args(["-D", "-e", "-f", "/dev/null", "-p", &port.to_string()])
         .arg("-h")
         .arg(&host.private_path)
@@ -56,10 +55,10 @@ fn sshd(dir: &Path, host: &KeyPair, user: &KeyPair) -> Option<Sshd> {
         .unwrap();
     let child = Killed(child);
     wait_listening(port, "sshd");
-    Some(Sshd {
+    Sshd {
         _child: child,
         addr: format!("127.0.0.1:{port}").parse().unwrap(),
-    })
+    }
 }
 
 fn target(addr: SocketAddr, user: &KeyPair, host: &KeyPair, console: PathBuf) -> SshTarget {
@@ -81,9 +80,7 @@ fn login_with_pinned_host_key_and_refusal_of_another() {
     let user = ensure_key(&dir.path().join("id_ed25519"), "kthw@test").unwrap();
     let host = ensure_key(&dir.path().join("host_ed25519"), "root@m1").unwrap();
     let other = ensure_key(&dir.path().join("other_ed25519"), "root@other").unwrap();
-    let Some(server) = sshd(dir.path(), &host, &user) else {
-        return;
-    };
+    let server = sshd(dir.path(), &host, &user);
     let console = dir.path().join("m1.log");
     let lines = std::sync::Mutex::new(Vec::new());
     let progress = |l: &str| lines.lock().unwrap().push(l.to_string());

@@ -5,8 +5,10 @@
 //! possible failure after parsing is "connection refused"), and the smoke test's
 //! request loop run for real on loopback.
 //!
-//! What cannot run here: applying the objects, the pods, kube-proxy. That needs the
-//! Kubernetes binaries in real VMs (the lead's end-to-end test).
+//! What no test runs: applying the objects, the pods, kube-proxy. That needs the
+//! Kubernetes server binaries in real VMs, and they cannot be obtained on the
+//! machines the tests run on, so the control-plane, workers and smoke phases never
+//! run against a node (the VM end-to-end tests stop at `runtime`).
 
 mod support;
 

@@ -1,7 +1,9 @@
 //! Bootstrap phases: the commands they build (pure), what they check, the missing
 //! component error, and the file-sync and archive-install steps run for real over
 //! SSH on 127.0.0.1 into a temp dir. The phases themselves change systemd units and
-//! routes, so they only run against the lab's VMs (the lead's end-to-end test).
+//! routes, so they only run against the lab's VMs: etcd, routes and runtime in the
+//! VM end-to-end tests; control-plane and workers in no test (the Kubernetes server
+//! binaries cannot be obtained here).
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -99,13 +101,32 @@ fn route_check_reads_ip_json() {
     let wrong = r#"[{"dst":"10.100.0.0/24","gateway":"10.200.1.99"},{"dst":"10.100.1.0/24","gateway":"10.200.1.13"}]"#;
     assert_eq!(missing_routes(&expected, wrong).unwrap().len(), 1);
     assert!(missing_routes(&expected, "not json").is_err());
-    // The real `ip -j route` of this host parses (read-only).
-    if let Ok(out) = Command::new("ip").args(["-j", "route", "show"]).output() {
-        if out.status.success() {
-            let text = String::from_utf8_lossy(&out.stdout);
-            assert_eq!(missing_routes(&expected, &text).unwrap().len(), 2);
-        }
-    }
+}
+
+/// The route check against the real `ip -j route` output of a node-like namespace
+/// this test makes (never the host's own table, which may hold a running lab's
+/// routes): one pod route present, the other only via a wrong gateway.
+#[test]
+fn route_check_reads_real_ip_json_in_a_namespace() {
+    let p = plan_2m2w();
+    let m1 = p.node("m1").unwrap();
+    let expected = units::pod_routes(&p, m1);
+    assert_eq!(expected.len(), 2);
+    let ns = support::Netns::new("routes");
+    ns.sh(
+        "ip link add eth0 type veth peer name eth1 && ip link set eth1 up && \
+         ip addr add 10.200.1.10/24 dev eth0 && ip link set eth0 up && \
+         ip route add 10.100.0.0/24 via 10.200.1.12 dev eth0 proto static && \
+         ip route add 10.100.1.0/24 via 10.200.1.99 dev eth0 proto static",
+    );
+    let out = ns.sh("ip -j route show");
+    let missing = missing_routes(&expected, &out).unwrap();
+    assert_eq!(missing.len(), 1, "{out}");
+    assert_eq!(missing[0].dst, "10.100.1.0/24");
+    assert_eq!(missing[0].via, "10.200.1.13");
+    ns.sh("ip route replace 10.100.1.0/24 via 10.200.1.13 dev eth0 proto static");
+    let out = ns.sh("ip -j route show");
+    assert_eq!(missing_routes(&expected, &out).unwrap(), [], "{out}");
 }
 
 #[test]
@@ -149,7 +170,7 @@ fn remote(sshd: &Sshd) -> SshRemote {
 
 #[test]
 fn sync_files_writes_only_what_differs() {
-    let Some(sshd) = start_sshd() else { return };
+    let sshd = start_sshd();
     let r = remote(&sshd);
     let base = sshd.dir.path().join("node-root");
     let p = plan_2m2w();
@@ -182,7 +203,7 @@ fn sync_files_writes_only_what_differs() {
 
 #[test]
 fn archive_members_are_installed_with_their_mode() {
-    let Some(sshd) = start_sshd() else { return };
+    let sshd = start_sshd();
     let r = remote(&sshd);
     let work = sshd.dir.path().join("archive");
     std::fs::create_dir_all(work.join("src/pkg-v1")).unwrap();
@@ -281,7 +302,7 @@ fn tool_catalog(bin_sha: &str) -> ComponentCatalog {
 fn components_install_from_the_cache_once_and_refuse_a_tampered_file() {
     use kthw_lab::actions::bootstrap::install_component;
     use sha2::Digest;
-    let Some(sshd) = start_sshd() else { return };
+    let sshd = start_sshd();
     let r = remote(&sshd);
     let p = plan_2m2w();
     let cache = sshd.dir.path().join("cache");
@@ -355,19 +376,14 @@ fn components_install_from_the_cache_once_and_refuse_a_tampered_file() {
 
 /// The health check and its parser against a real etcd (Debian's 3.4) serving TLS
 /// with client-certificate auth on 127.0.0.1, plus an endpoint nobody listens on.
-/// Certificates come from openssl in a temp dir. Skipped without etcd or openssl.
+/// Certificates come from openssl in a temp dir.
 #[test]
 fn etcd_health_reads_real_etcdctl_output() {
     use kthw_lab::actions::bootstrap::etcd_health_cmd_with;
-    let (etcd, etcdctl) = ("/usr/bin/etcd", "/usr/bin/etcdctl");
-    let have_openssl = Command::new("openssl")
-        .arg("version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !Path::new(etcd).exists() || !Path::new(etcdctl).exists() || !have_openssl {
-        eprintln!("skipped: etcd, etcdctl or openssl missing");
-        return;
-    }
+    let etcd = support::require("etcd", "etcd-server");
+    let etcdctl = support::require("etcdctl", "etcd-client");
+    let etcdctl = etcdctl.to_str().unwrap();
+    support::require("openssl", "openssl");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let sh = |cmd: &str| {
@@ -400,7 +416,7 @@ fn etcd_health_reads_real_etcdctl_output() {
     };
     let (client, peer, dead) = (port(), port(), port());
     let p = |f: &str| d.join(f).display().to_string();
-    let mut child = Command::new(etcd)
+    let mut child = Command::new(&etcd)
         .args([
             "--name=t".to_string(),
             format!("--data-dir={}", p("data")),

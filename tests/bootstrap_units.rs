@@ -319,14 +319,16 @@ fn a_lone_worker_gets_a_valid_routes_unit_without_routes() {
 
 /// The etcd unit's flags and the etcdctl health command's flags, checked against
 /// the `--help` of the real etcd/etcdctl 3.4 that Debian ships (the image's
-/// packages). Skipped when they are not installed here.
+/// packages, installed here by `scripts/deps.sh test`).
 #[test]
 fn etcd_flags_exist_in_the_debian_etcd_binaries() {
+    // The image's paths, which the unit names: the host's packages put them there too.
     let (etcd, etcdctl) = ("/usr/bin/etcd", "/usr/bin/etcdctl");
-    if !Path::new(etcd).exists() || !Path::new(etcdctl).exists() {
-        eprintln!("skipped: {etcd} or {etcdctl} missing (apt-get install etcd-server etcd-client)");
-        return;
-    }
+    assert_eq!(support::require("etcd", "etcd-server"), Path::new(etcd));
+    assert_eq!(
+        support::require("etcdctl", "etcd-client"),
+        Path::new(etcdctl)
+    );
     let help = |bin: &str| {
         let out = std::process::Command::new(bin)
             .arg("--help")
@@ -369,14 +371,10 @@ fn etcd_flags_exist_in_the_debian_etcd_binaries() {
 
 /// Every rendered unit passes `systemd-analyze verify` (offline, read-only). The
 /// only complaint allowed is a downloaded binary that is not installed on this
-/// machine. Skipped when systemd-analyze is missing.
+/// machine.
 #[test]
 fn rendered_units_pass_systemd_analyze_verify() {
-    let tool = "/usr/bin/systemd-analyze";
-    if !Path::new(tool).exists() {
-        eprintln!("skipped: {tool} missing");
-        return;
-    }
+    let tool = support::require("systemd-analyze", "systemd");
     let p = plan_2m2w();
     let dir = tempfile::tempdir().unwrap();
     let mut checked = 0;
@@ -388,7 +386,7 @@ fn rendered_units_pass_systemd_analyze_verify() {
         std::fs::create_dir_all(&nd).unwrap();
         let unit = nd.join(name);
         std::fs::write(&unit, &f.content).unwrap();
-        let out = std::process::Command::new(tool)
+        let out = std::process::Command::new(&tool)
             .args(["verify", "--man=no"])
             .arg(&unit)
             .output()
@@ -411,4 +409,91 @@ fn rendered_units_pass_systemd_analyze_verify() {
         checked += 1;
     }
     assert!(checked >= 12, "only {checked} units verified");
+}
+
+fn plan_of(label: &str, text: &str) -> LabPlan {
+    let src = Sources {
+        roots: vec![root()],
+    };
+    let s = load_str(text, label, &src, &HostLimits { memory_mib: 65536 })
+        .unwrap_or_else(|e| panic!("{label}: {:#?}", e.diagnostics));
+    plan(&s, text, Path::new("/var/lib/kthw-lab"))
+}
+
+/// Every file rendered for a node (what the golden files cover) is installed by
+/// exactly one bootstrap phase, and no phase installs a file that is not rendered.
+/// A file the path filters of `runtime` and `workers` do not take would otherwise be
+/// golden-tested and never reach a node.
+#[test]
+fn every_rendered_file_is_installed_by_exactly_one_phase() {
+    use kthw_lab::actions::bootstrap::phase_files;
+    use kthw_lab::actions::phase::Phase;
+    let mut plans: Vec<LabPlan> = ["1m1w", "2m2w", "3m3w", "side-by-side"]
+        .iter()
+        .map(|stem| {
+            let f = format!("scenarios/{stem}.yaml");
+            plan_of(&f, &std::fs::read_to_string(root().join(&f)).unwrap())
+        })
+        .collect();
+    plans.push(plan_of(
+        "no-workers.yaml",
+        "name: cp\ncontrollers: {count: 1}\nworkers: {count: 0}\nload_balancer: {address: 10.200.1.15}\n",
+    ));
+    let cat = ComponentCatalog::builtin().unwrap();
+    let os = NodeOs::default();
+    let mut checked = 0;
+    for p in &plans {
+        for bins in [
+            Bins::downloaded(),
+            Bins::with_image(
+                &cat,
+                &p.image,
+                &["etcd", "containerd", "runc", "cni-plugins"],
+            ),
+        ] {
+            for (node, f) in all_files(p, &bins) {
+                let n = p.node(&node).unwrap();
+                let by: Vec<Phase> = Phase::ALL
+                    .into_iter()
+                    .filter(|ph| {
+                        phase_files(*ph, p, n, &bins, &os)
+                            .iter()
+                            .any(|x| x.path == f.path)
+                    })
+                    .collect();
+                assert_eq!(
+                    by.len(),
+                    1,
+                    "{}: {node} {} is installed by {by:?}: every rendered file needs exactly one phase (actions/bootstrap.rs phase_files)",
+                    p.lab,
+                    f.path
+                );
+                // The phase installs the rendered content, not another version of it.
+                let installed = phase_files(by[0], p, n, &bins, &os);
+                let same = installed.iter().find(|x| x.path == f.path).unwrap();
+                assert_eq!(same, &f, "{}: {node} {}", p.lab, f.path);
+                checked += 1;
+            }
+            for n in &p.nodes {
+                let rendered: Vec<String> = all_files(p, &bins)
+                    .into_iter()
+                    .filter(|(node, _)| *node == n.name)
+                    .map(|(_, f)| f.path)
+                    .collect();
+                for ph in Phase::ALL {
+                    for f in phase_files(ph, p, n, &bins, &os) {
+                        assert!(
+                            rendered.contains(&f.path),
+                            "{}: phase {} installs {} on {}, which is not among the rendered (golden-tested) files",
+                            p.lab,
+                            ph.name(),
+                            f.path,
+                            n.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 100, "only {checked} files checked");
 }

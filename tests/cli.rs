@@ -1,5 +1,7 @@
 //! The binary as a user runs it: outputs, exit codes, errors with hints.
 
+mod support;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -395,4 +397,79 @@ fn an_unknown_phase_in_the_fault_hook_is_refused_before_anything_happens() {
         0,
         "nothing was written"
     );
+}
+
+/// `reset` reverts to the state saved after the first boot (see commands.rs
+/// cmd_reset); its help says so, not that it makes new overlays.
+#[test]
+fn reset_help_describes_the_saved_fresh_state() {
+    let o = run(&["reset", "--help"]);
+    assert!(o.status.success());
+    let help = text(&o.stdout);
+    assert!(!help.contains("overlay"), "{help}");
+    assert!(
+        help.contains("saved right after their first boot"),
+        "{help}"
+    );
+    assert!(help.contains("boots again"), "{help}");
+}
+
+/// A version the component catalog has no release for is refused by `plan`, before
+/// anything boots, with its position and the versions the catalog knows.
+#[test]
+fn plan_refuses_a_version_the_catalog_does_not_know() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("v.yaml");
+    std::fs::write(
+        &f,
+        "name: lab\ncontrollers: {count: 1}\nworkers: {count: 1}\nload_balancer: {address: 10.200.1.15}\nversions:\n  kubernetes: 9.99.0\n",
+    )
+    .unwrap();
+    let o = run(&["plan", f.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("v.yaml:6:15: versions.kubernetes: kubernetes 9.99.0 is not in the component catalog, which knows kubernetes 1.32.3"),
+        "{err}"
+    );
+    assert!(err.contains("hint: "), "{err}");
+}
+
+/// libvirtd down: every command that needs it says so once, with how to start it,
+/// before it changes anything. Run in a namespace of the test's own, so that `start`
+/// or `create` could not touch the host's network even if they went on.
+#[test]
+fn every_command_that_needs_libvirt_says_once_that_it_cannot_reach_it() {
+    let ns = support::Netns::new("nolibvirt");
+    let dir = tempfile::tempdir().unwrap();
+    seed_state(dir.path(), "scenarios/1m1w.yaml");
+    std::fs::write(
+        dir.path().join("labs/k1m1w/journal.json"),
+        r#"{"lab":"k1m1w","plan_sha256":"x","phases":[{"phase":"network","state":"done","started":1,"seconds":1},{"phase":"domains","state":"done","started":1,"seconds":1}]}"#,
+    )
+    .unwrap();
+    let uri = "qemu+unix:///system?socket=/nonexistent/libvirt-sock";
+    let cause = "Failed to connect socket to '/nonexistent/libvirt-sock'";
+    for (args, code) in [
+        (vec!["destroy", "k1m1w"], 10),
+        (vec!["stop", "k1m1w"], 10),
+        (vec!["start", "k1m1w"], 10),
+        (vec!["reset", "k1m1w"], 10),
+        (vec!["status", "k1m1w"], 1),
+        (vec!["create", "scenarios/1m1w.yaml"], 3),
+    ] {
+        let mut all = args.clone();
+        all.extend(["--connect", uri]);
+        let o = ns.kthw(dir.path(), &all);
+        let out = format!("{}{}", text(&o.stdout), text(&o.stderr));
+        assert_eq!(o.status.code(), Some(code), "{args:?}:\n{out}");
+        assert_eq!(out.matches(cause).count(), 1, "{args:?}:\n{out}");
+        assert!(
+            out.contains("libvirtd is not running: start it with `"),
+            "{args:?}:\n{out}"
+        );
+    }
+    // Nothing was started or changed: no bridge in the namespace, the lab still there.
+    assert!(!ns.sh("ip -o link").contains("br0"));
+    assert!(dir.path().join("labs/k1m1w/plan.json").exists());
 }

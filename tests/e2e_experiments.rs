@@ -32,8 +32,6 @@ use support::lab::{
 };
 use support::text;
 
-const TEST: &str = "experiments_and_checkpoints_on_two_and_three_controllers";
-
 fn scenario(tmp: &Path, lab: &str, controllers: usize) -> PathBuf {
     let names: Vec<String> = (1..=controllers).map(|i| format!("c{i}")).collect();
     let f = tmp.join(format!("{lab}.yaml"));
@@ -161,8 +159,9 @@ fn netem_here() -> bool {
 }
 
 #[test]
+#[ignore = "real VMs: run by make test (--run-ignored all)"]
 fn experiments_and_checkpoints_on_two_and_three_controllers() {
-    if !enter(TEST) {
+    if !enter("experiments_and_checkpoints_on_two_and_three_controllers") {
         return;
     }
     stand_in_uplink();

@@ -1,6 +1,6 @@
 //! Faults at every phase of `create` up to `runtime`, against the real system (real
-//! VMs inside `scripts/netns-run`; needs `KTHW_VM_TESTS=1`, then fails rather than
-//! skips when anything is missing).
+//! VMs inside `scripts/netns-run`; `#[ignore]`d as a real-VM test, which `make test`
+//! runs; then it fails rather than skips when anything is missing).
 //!
 //! One small lab (one controller, one worker, 512 MiB each). For every phase P from
 //! `network` to `runtime`, in pipeline order:
@@ -47,8 +47,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use support::lab::{
-    destroy_leaves_nothing, enter, kthw, kthw_cmd, kthw_env, plan_json, sh, stand_in_uplink,
-    state_dir,
+    destroy_leaves_nothing, enter, kthw, kthw_cmd, kthw_env, plan_json, sh_may_fail,
+    stand_in_uplink, state_dir,
 };
 use support::text;
 
@@ -249,7 +249,8 @@ fn identity(state: &Path, plan: &Value) -> BTreeMap<String, String> {
     }
     for n in plan["nodes"].as_array().unwrap() {
         let d = n["domain"].as_str().unwrap();
-        let xml = sh(&format!("virsh -c qemu:///system dumpxml {d} 2>/dev/null"));
+        // Before phase `domains` has run, libvirt has no such domain: no MAC or UUID yet.
+        let xml = sh_may_fail(&format!("virsh -c qemu:///system dumpxml {d}")).unwrap_or_default();
         let pick = |open: &str, close: &str| {
             xml.split_once(open)
                 .and_then(|(_, r)| r.split_once(close))
@@ -280,6 +281,7 @@ impl Identity {
 }
 
 #[test]
+#[ignore = "real VMs: run by make test (--run-ignored all)"]
 fn faults_at_every_phase_converge_and_destroy_leaves_nothing() {
     if !enter("faults_at_every_phase_converge_and_destroy_leaves_nothing") {
         return;

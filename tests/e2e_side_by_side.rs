@@ -1,5 +1,5 @@
-//! Two labs side by side in one namespace (real VMs inside `scripts/netns-run`; needs
-//! `KTHW_VM_TESTS=1`): distinct names, bridges and subnets, created at the same time
+//! Two labs side by side in one namespace (real VMs inside `scripts/netns-run`;
+//! `#[ignore]`d as a real-VM test, which `make test` runs): distinct names, bridges and subnets, created at the same time
 //! up to `routes` (etcd running, host routes to both pod ranges). `status` of each is
 //! OK; destroying one leaves nothing of it and the other fully working (status,
 //! SSH, its bridge, NAT table, balancer and host routes); then the other goes too
@@ -65,6 +65,7 @@ fn works(state: &Path, lab: &str, plan: &Value) {
 }
 
 #[test]
+#[ignore = "real VMs: run by make test (--run-ignored all)"]
 fn two_labs_side_by_side_and_destroying_one_leaves_the_other_working() {
     if !enter("two_labs_side_by_side_and_destroying_one_leaves_the_other_working") {
         return;

@@ -3,8 +3,10 @@
 //! and the etcd probes and history check against a real etcd on loopback with TLS
 //! (Debian's etcd-server), killed and started again under the probes.
 
+mod support;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
@@ -12,6 +14,7 @@ use kthw_lab::experiment::etcd::{Etcd, Member, Tls};
 use kthw_lab::experiment::history::{self, Op, OpKind, Outcome};
 use kthw_lab::experiment::model::{Action, Metric, ProbeKind, Selector, When};
 use kthw_lab::experiment::{load_str, probes, SHIPPED};
+use support::loopback::{free_port, Killed};
 
 fn problems(text: &str) -> Vec<String> {
     match load_str(text, "x.yaml") {
@@ -158,23 +161,6 @@ fn experiment_list_shows_the_shipped_ones() {
 
 // ------------------------------------------------------------ a real etcd, TLS
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, made by the
 /// tool's own issuing code.
 fn certs(dir: &Path) -> Tls {
@@ -216,15 +202,11 @@ fn certs(dir: &Path) -> Tls {
 }
 
 fn start_etcd(dir: &Path, client: u16, peer: u16) -> Killed {
-    let etcd = "/usr/bin/etcd";
-    assert!(
-        Path::new(etcd).exists(),
-        "needs {etcd}: apt-get install --no-install-recommends etcd-server (or scripts/deps.sh build test)"
-    );
+    let etcd = support::require("etcd", "etcd-server");
     let c = format!("https://127.0.0.1:{client}");
     let p = format!("http://127.0.0.1:{peer}");
     let f = |n: &str| dir.join(n).display().to_string();
-    let child = Command::new(etcd)
+    let child = Command::new(&etcd)
         .args(["--name", "t1", "--data-dir", &f("data")])
         .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
         .args([

@@ -280,6 +280,34 @@ fn table() -> Vec<(&'static str, String, Vec<&'static str>)> {
             with("name: lab", "name: lab\nversions:\n  kubernetes: latest"),
             vec!["s.yaml:3:15: versions.kubernetes: `latest` is not a release version like 1.32.3"],
         ),
+        (
+            // One error for the image, none more for each from_image entry.
+            "unknown image with components from it",
+            with("name: lab", "name: lab\nimage: windows\nfrom_image: [etcd, containerd, runc, cni-plugins]"),
+            vec!["s.yaml:2:8: image: unknown image `windows` (available: debian-12, kthw-debian12, ubuntu-24.04)"],
+        ),
+        (
+            "kubernetes version the catalog does not know",
+            with("name: lab", "name: lab\nversions:\n  kubernetes: 9.99.0"),
+            vec!["s.yaml:3:15: versions.kubernetes: kubernetes 9.99.0 is not in the component catalog, which knows kubernetes 1.32.3: pick one of those, or add the release with its checksum to components/catalog.yaml"],
+        ),
+        (
+            "every downloaded component's version is checked",
+            with("name: lab", "name: lab\nversions: {etcd: 3.4.0, containerd: 1.0.0, runc: 1.0.0, cni_plugins: 1.0.0, crictl: 1.0.0}"),
+            vec![
+                "s.yaml:2:18: versions.etcd: etcd 3.4.0 is not in the component catalog, which knows etcd 3.5.21: pick one of those, or add the release with its checksum to components/catalog.yaml",
+                "s.yaml:2:37: versions.containerd: containerd 1.0.0 is not in the component catalog, which knows containerd 2.0.4: pick one of those, or add the release with its checksum to components/catalog.yaml",
+                "s.yaml:2:50: versions.runc: runc 1.0.0 is not in the component catalog, which knows runc 1.2.6: pick one of those, or add the release with its checksum to components/catalog.yaml",
+                "s.yaml:2:70: versions.cni_plugins: cni_plugins 1.0.0 is not in the component catalog, which knows cni_plugins 1.6.2: pick one of those, or add the release with its checksum to components/catalog.yaml",
+                "s.yaml:2:85: versions.crictl: crictl 1.0.0 is not in the component catalog, which knows crictl 1.32.0: pick one of those, or add the release with its checksum to components/catalog.yaml",
+            ],
+        ),
+        (
+            // Taken from the image's package: its `versions` entry is not used.
+            "the version of a component from the image is not checked",
+            with("name: lab", "name: lab\nversions: {etcd: 3.4.0, containerd: 1.0.0}\nfrom_image: [etcd, containerd]"),
+            vec![],
+        ),
     ]
 }
 

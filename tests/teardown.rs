@@ -88,3 +88,54 @@ fn a_failing_remover_does_not_stop_the_others_and_residue_is_an_error() {
         .report()
         .contains("hint: fix the cause above and run `kthw-lab destroy lab` again"));
 }
+
+/// A daemon that cannot be reached fails removing and checking alike.
+struct Unreachable;
+
+impl Remover for Unreachable {
+    fn what(&self) -> &'static str {
+        "domains"
+    }
+    fn remove(&self, _lab: &str, _plan: Option<&LabPlan>) -> Result<Vec<String>> {
+        Err(Error::Provision {
+            what: "cannot connect to libvirt at qemu:///system: socket gone".into(),
+            hint: "libvirtd is not running: start it".into(),
+            source: None,
+        })
+    }
+    fn residue(&self, lab: &str, plan: Option<&LabPlan>) -> Result<Vec<String>> {
+        self.remove(lab, plan)
+    }
+}
+
+#[test]
+fn one_cause_is_reported_once_with_its_hint() {
+    let (b, _) = things("network", &["bridge br0"], false);
+    let p = Progress::capturing();
+    let r = teardown("lab", None, &[Box::new(Unreachable), b], &p);
+    assert_eq!(
+        r.failures,
+        vec!["domains: cannot connect to libvirt at qemu:///system: socket gone"]
+    );
+    let e = r.into_result("lab").unwrap_err();
+    let report = e.report();
+    assert_eq!(report.matches("socket gone").count(), 1, "{report}");
+    assert!(
+        report.contains(
+            "hint: libvirtd is not running: start it; then run `kthw-lab destroy lab` again"
+        ),
+        "{report}"
+    );
+    // The progress line points at the error instead of repeating it.
+    let lines = p.captured();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("  domains: failed: the error below says why")),
+        "{lines:?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("socket gone")),
+        "{lines:?}"
+    );
+}

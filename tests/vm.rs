@@ -1,4 +1,6 @@
-//! Real VMs (TCG here, KVM where it works), opt-in with `KTHW_VM_TESTS=1`.
+//! Real VMs (TCG here, KVM where it works). Every test here is
+//! `#[ignore = "real VMs: ..."]`: `make test` runs them (`--run-ignored all`), a plain
+//! `cargo test` lists them as ignored.
 //!
 //! Each test re-runs itself inside `scripts/netns-run` (a private network namespace with
 //! its own libvirtd), so bridges, tap devices, VMs and lab addresses never exist in the
@@ -8,11 +10,12 @@
 //! - `vm_two_nodes_boot_login_and_leave_nothing`: two nodes boot from seeds, a real SSH
 //!   login with the pinned host key works on each, hostname/IP//etc/hosts are checked,
 //!   then everything is removed and nothing is left.
-//! - `vm_measure_boot_1_and_4_nodes` (ignored; `--run-ignored all`): boot-to-SSH of one
-//!   node alone and of four started together, and qemu RSS per node.
+//! - `vm_measure_boot_1_and_4_nodes`: a measurement, not a check: boot-to-SSH of one
+//!   node alone and of four started together, and qemu RSS per node. `make test` leaves
+//!   it out (the Makefile's `NOT_IN_MAKE_TEST`); run it by name with
+//!   `cargo nextest run --run-ignored only vm_measure_boot_1_and_4_nodes`.
 //!
-//! Without `KTHW_VM_TESTS=1` they print that they skipped. With it, anything missing
-//! (root, qemu, libvirt, mmdebstrap, ...) is a failure, not a skip.
+//! Run, anything missing (root, qemu, libvirt, mmdebstrap, ...) is a failure, not a skip.
 
 #[path = "boot_fixture.rs"]
 mod fixture;
@@ -61,17 +64,7 @@ fn enter(test: &str) -> bool {
         support::report_panics_outward();
         return true;
     }
-    if std::env::var("KTHW_VM_TESTS").as_deref() != Ok("1") {
-        println!("SKIPPED {test}: real-VM test; set KTHW_VM_TESTS=1 to run it (needs root, qemu, libvirt, mmdebstrap)");
-        eprintln!("SKIPPED {test}: set KTHW_VM_TESTS=1 to run it");
-        return false;
-    }
-    // Enabled: whatever is missing is a failure.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "KTHW_VM_TESTS=1 needs root (namespaces, libvirtd)"
-    );
+    support::real_vm_test(test);
     for (tool, pkg) in [
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("qemu-img", "qemu-utils"),
@@ -83,10 +76,7 @@ fn enter(test: &str) -> bool {
         ("ip", "iproute2"),
         ("unshare", "util-linux"),
     ] {
-        assert!(
-            fixture::have(tool),
-            "KTHW_VM_TESTS=1 but {tool} is missing: apt-get install --no-install-recommends {pkg}"
-        );
+        support::require(tool, pkg);
     }
     let dir = support::shared_image();
     let exe = std::env::current_exe().unwrap();
@@ -279,6 +269,7 @@ fn state_dir(tag: &str) -> PathBuf {
 }
 
 #[test]
+#[ignore = "real VMs: run by make test (--run-ignored all)"]
 fn vm_two_nodes_boot_login_and_leave_nothing() {
     if !enter("vm_two_nodes_boot_login_and_leave_nothing") {
         return;
@@ -396,7 +387,7 @@ fn vm_two_nodes_boot_login_and_leave_nothing() {
 }
 
 #[test]
-#[ignore = "measurement: boots 1 then 4 VMs (several minutes under TCG)"]
+#[ignore = "measurement: boots 1 then 4 VMs (several minutes under TCG); not in make test"]
 fn vm_measure_boot_1_and_4_nodes() {
     if !enter("vm_measure_boot_1_and_4_nodes") {
         return;

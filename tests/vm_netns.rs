@@ -1,23 +1,17 @@
-//! `scripts/netns-run` on its own (opt-in with `KTHW_VM_TESTS=1`, needs root and libvirt):
+//! `scripts/netns-run` on its own (needs root and libvirt; `#[ignore]`d like the
+//! real-VM tests, which `make test` runs, since each run starts a private libvirtd and
+//! some a tiny qemu):
 //! the command sees a private libvirtd in a fresh network namespace, its exit code comes
 //! back, domains defined inside never reach the host's libvirt, and nothing is left after,
 //! not even when netns-run itself is killed with SIGKILL (its watchdog reaps the
 //! namespace; with the watchdog killed too, the next run does).
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn enabled(test: &str) -> bool {
-    if std::env::var("KTHW_VM_TESTS").as_deref() == Ok("1") {
-        assert_eq!(unsafe { libc::geteuid() }, 0, "KTHW_VM_TESTS=1 needs root");
-        return true;
-    }
-    println!("SKIPPED {test}: set KTHW_VM_TESTS=1 to run it (needs root and libvirt)");
-    eprintln!("SKIPPED {test}: set KTHW_VM_TESTS=1 to run it");
-    false
-}
 
 fn netns_run(script: &str) -> Output {
     let runner = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/netns-run");
@@ -33,10 +27,9 @@ fn namespaces() -> String {
 }
 
 #[test]
+#[ignore = "real VMs: run by make test (--run-ignored all)"]
 fn netns_run_isolates_libvirt_and_cleans_up() {
-    if !enabled("netns_run_isolates_libvirt_and_cleans_up") {
-        return;
-    }
+    support::real_vm_test("netns_run_isolates_libvirt_and_cleans_up");
     let xml = "<domain type='qemu'><name>kthw-netns-probe</name><memory unit='MiB'>64</memory>\
                <os><type arch='x86_64'>hvm</type></os></domain>";
     let script = format!(
@@ -79,10 +72,9 @@ fn netns_run_isolates_libvirt_and_cleans_up() {
 }
 
 #[test]
+#[ignore = "real VMs: run by make test (--run-ignored all)"]
 fn netns_run_passes_success_through() {
-    if !enabled("netns_run_passes_success_through") {
-        return;
-    }
+    support::real_vm_test("netns_run_passes_success_through");
     let out = netns_run("virsh -c qemu:///system list --all");
     assert!(
         out.status.success(),
@@ -211,10 +203,9 @@ fn leftovers(r: &Running) -> String {
 }
 
 #[test]
+#[ignore = "real VMs: run by make test (--run-ignored all)"]
 fn netns_run_killed_with_sigkill_leaves_nothing_behind() {
-    if !enabled("netns_run_killed_with_sigkill_leaves_nothing_behind") {
-        return;
-    }
+    support::real_vm_test("netns_run_killed_with_sigkill_leaves_nothing_behind");
     let mut r = start_busy_netns_run();
     sigkill(r.child.id());
     let _ = r.child.wait();
@@ -245,10 +236,9 @@ fn watchdog_of(ns: &str) -> Option<u32> {
 }
 
 #[test]
+#[ignore = "real VMs: run by make test (--run-ignored all)"]
 fn the_next_netns_run_reaps_what_a_killed_one_and_its_watchdog_left() {
-    if !enabled("the_next_netns_run_reaps_what_a_killed_one_and_its_watchdog_left") {
-        return;
-    }
+    support::real_vm_test("the_next_netns_run_reaps_what_a_killed_one_and_its_watchdog_left");
     let mut r = start_busy_netns_run();
     let wd = watchdog_of(&r.ns).expect("netns-run starts a watchdog");
     sigkill(wd);

@@ -4,8 +4,16 @@
 //! changed, then checks again.
 //!
 //! The commands are built by pure functions (tested without any node); the phases
-//! run them through a [`Remote`]. They are exercised for real by the VM end-to-end
-//! test; here nothing may touch this host's systemd or routes.
+//! run them through a [`Remote`]. What runs against real nodes: `etcd`, `routes` and
+//! `runtime`, in the VM end-to-end tests (`tests/e2e_lab.rs`, `e2e_faults.rs`,
+//! `e2e_side_by_side.rs`: `create --until runtime`). `control-plane`, `workers` and
+//! `smoke` never run against a node in any test: the Kubernetes server binaries
+//! cannot be obtained on the machines the tests run on. They are covered only by
+//! their pure parts (commands, manifests, the RBAC and smoke steps, the rendered
+//! units and flags, the API client against fixtures), by the file-sync and
+//! component-install steps over SSH on loopback, and, end to end, by the error
+//! `create --from control-plane --until control-plane` gives when those binaries are
+//! missing (`e2e_lab`). Tests never touch this host's systemd or routes.
 //!
 //! Wiring, for the runner: build a [`Bootstrap`] from the plan, the component
 //! catalog and the cache dir; fill `files` from the PKI distribution
@@ -22,6 +30,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use crate::actions::phase::Phase;
 use crate::components::{
     cache_path, missing_components, missing_report, ArtifactKind, ChecksumSource, ComponentCatalog,
 };
@@ -638,6 +647,61 @@ where
     exec_all(remote, nodes, f)
 }
 
+/// Whether a worker file belongs to the container runtime (phase `runtime`): kernel
+/// modules and sysctls, containerd's config and unit, the CNI configuration.
+fn is_runtime_file(path: &str) -> bool {
+    let under = |dir: &str| path.starts_with(&format!("{}/", dir.trim_end_matches('/')));
+    under("/etc/modules-load.d")
+        || under("/etc/sysctl.d")
+        || under("/etc/containerd")
+        || under(on_node::CNI_CONF_DIR)
+        || path == format!("{}/containerd.service", on_node::SYSTEMD_DIR)
+}
+
+/// Whether a worker file belongs to kubelet or kube-proxy (phase `workers`).
+fn is_kubelet_file(path: &str) -> bool {
+    let under = |dir: &str| path.starts_with(&format!("{dir}/"));
+    under(on_node::KUBELET_DIR)
+        || under(on_node::KUBE_PROXY_DIR)
+        || path == format!("{}/kubelet.service", on_node::SYSTEMD_DIR)
+        || path == format!("{}/kube-proxy.service", on_node::SYSTEMD_DIR)
+}
+
+fn is_etcd_unit(path: &str) -> bool {
+    path == format!("{}/etcd.service", on_node::SYSTEMD_DIR)
+}
+
+/// The rendered files phase `phase` installs on `node` (certificates, keys and
+/// kubeconfigs come from the PKI as [`FileCopy`]s, apart from these). Every file the
+/// renderer makes for a node (`units::controller_files`/`worker_files` and
+/// `units::route_files`, the set the golden files cover) belongs to exactly one phase,
+/// and a test holds it so: a file under a new directory must be given to a phase
+/// here, or it would be golden-tested and never installed.
+pub fn phase_files(
+    phase: Phase,
+    plan: &LabPlan,
+    node: &NodePlan,
+    bins: &Bins,
+    os: &NodeOs,
+) -> Vec<RenderedFile> {
+    let role_files = || match node.role {
+        Role::Controller => units::controller_files(plan, node, bins),
+        Role::Worker => units::worker_files(plan, node, bins, os),
+    };
+    let pick = |keep: &dyn Fn(&str) -> bool| -> Vec<RenderedFile> {
+        role_files().into_iter().filter(|f| keep(&f.path)).collect()
+    };
+    match (phase, node.role) {
+        (Phase::Etcd, Role::Controller) => pick(&is_etcd_unit),
+        (Phase::Routes, _) => units::route_files(plan, node, os),
+        (Phase::Runtime, Role::Worker) => pick(&is_runtime_file),
+        // Everything else a controller gets: the control plane's units and configs.
+        (Phase::ControlPlane, Role::Controller) => pick(&|p| !is_etcd_unit(p)),
+        (Phase::Workers, Role::Worker) => pick(&is_kubelet_file),
+        _ => Vec::new(),
+    }
+}
+
 // ---- phases -------------------------------------------------------------------------
 
 /// etcd on every controller, started together (a member waits for its peers), then
@@ -659,12 +723,8 @@ pub fn ensure_etcd<R: Remote + ?Sized>(
             &format!("install -d -m 700 {}", on_node::ETCD_DATA_DIR),
             SHORT,
         )?;
-        let unit = RenderedFile {
-            path: format!("{}/etcd.service", on_node::SYSTEMD_DIR),
-            mode: 0o644,
-            content: units::etcd_service(b.plan, node, &b.bins),
-        };
-        changed.extend(sync_files(r, name, &[unit])?);
+        let files = phase_files(Phase::Etcd, b.plan, node, &b.bins, &b.os);
+        changed.extend(sync_files(r, name, &files)?);
         r.run(
             name,
             &systemd_apply_cmd(&["etcd"], !changed.is_empty(), true),
@@ -711,7 +771,8 @@ pub fn ensure_routes<R: Remote + ?Sized>(
     let nodes = node_names(b.plan, None);
     collect(par(remote, &nodes, |r, name| {
         let node = b.plan.node(name).expect("planned node");
-        let mut changed = sync_files(r, name, &units::route_files(b.plan, node, &b.os))?;
+        let files = phase_files(Phase::Routes, b.plan, node, &b.bins, &b.os);
+        let mut changed = sync_files(r, name, &files)?;
         let unit = units::POD_ROUTES_UNIT.trim_end_matches(".service");
         r.run(
             name,
@@ -773,16 +834,7 @@ pub fn ensure_runtime<R: Remote + ?Sized>(
         for c in &components {
             changed.extend(install_component(b, r, name, c)?);
         }
-        let files: Vec<RenderedFile> = units::worker_files(b.plan, node, &b.bins, &b.os)
-            .into_iter()
-            .filter(|f| {
-                f.path.starts_with("/etc/modules-load.d/")
-                    || f.path.starts_with("/etc/sysctl.d/")
-                    || f.path.starts_with("/etc/containerd/")
-                    || f.path.starts_with(on_node::CNI_CONF_DIR)
-                    || f.path.ends_with("/containerd.service")
-            })
-            .collect();
+        let files = phase_files(Phase::Runtime, b.plan, node, &b.bins, &b.os);
         changed.extend(sync_files(r, name, &files)?);
         r.run(
             name,
@@ -851,10 +903,7 @@ pub fn ensure_control_plane<R: Remote + ?Sized>(
             // `sudo kubectl ...` on the controller finds the admin kubeconfig.
             r.run(name, &root_kubeconfig_cmd(), SHORT)?;
         }
-        let files: Vec<RenderedFile> = units::controller_files(b.plan, node, &b.bins)
-            .into_iter()
-            .filter(|f| !f.path.ends_with("/etcd.service"))
-            .collect();
+        let files = phase_files(Phase::ControlPlane, b.plan, node, &b.bins, &b.os);
         changed.extend(sync_files(r, name, &files)?);
         r.run(
             name,
@@ -996,15 +1045,7 @@ pub fn ensure_workers<R: Remote + ?Sized>(
             changed.extend(install_component(b, r, name, c)?);
         }
         changed.extend(sync_copies(r, name, &b.files, |_| true)?);
-        let files: Vec<RenderedFile> = units::worker_files(b.plan, node, &b.bins, &b.os)
-            .into_iter()
-            .filter(|f| {
-                f.path.starts_with(on_node::KUBELET_DIR)
-                    || f.path.starts_with(on_node::KUBE_PROXY_DIR)
-                    || f.path.ends_with("/kubelet.service")
-                    || f.path.ends_with("/kube-proxy.service")
-            })
-            .collect();
+        let files = phase_files(Phase::Workers, b.plan, node, &b.bins, &b.os);
         changed.extend(sync_files(r, name, &files)?);
         r.run(
             name,

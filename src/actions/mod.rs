@@ -116,6 +116,17 @@ impl Range {
             .filter(|p| self.from.is_none_or(|f| *p >= f) && self.until.is_none_or(|u| *p <= u))
             .collect()
     }
+
+    /// What the run needs of the hypervisor, for preflight: libvirt when it defines
+    /// and starts domains or saves their fresh state, and qemu's access to the lab's
+    /// files when it starts them.
+    pub fn hypervisor_needs(&self) -> crate::host::preflight::HypervisorNeeds {
+        let p = self.phases();
+        crate::host::preflight::HypervisorNeeds {
+            libvirt: p.contains(&Phase::Domains) || p.contains(&Phase::WaitSsh),
+            qemu_opens_files: p.contains(&Phase::Domains),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -438,9 +438,9 @@ impl Action for LbPhase {
         );
         let ca = crate::pki::cert_path(&cx.plan.paths.pki, "ca");
         let config = config_from_plan(cx.plan, &ca).map_err(lb_error)?;
-        std::fs::create_dir_all(&cx.plan.paths.lb).map_err(|e| {
-            Error::with_source(format!("cannot create {}", cx.plan.paths.lb.display()), e)
-        })?;
+        crate::state::ensure_dir_mode(&cx.plan.paths.lb, crate::state::PRIVATE_DIR_MODE).map_err(
+            |e| Error::with_source(format!("cannot create {}", cx.plan.paths.lb.display()), e),
+        )?;
         config.save(&files.config).map_err(lb_error)?;
         let exe = std::env::current_exe()
             .map_err(|e| Error::with_source("cannot find this program to start the balancer", e))?;
@@ -600,9 +600,21 @@ pub(crate) fn provision<E: std::error::Error + Send + Sync + 'static>(
     }
 }
 
+/// Fails with [`connect_hypervisor`]'s one error when libvirt cannot be reached: for
+/// commands that need it, before they change anything (`stop` would stop the
+/// balancer and leave the VMs running, `start` would bring up the network first).
+pub fn require_libvirt(uri: &str) -> Result<()> {
+    connect_hypervisor(uri).map(|_| ())
+}
+
+/// libvirt, or one error that says where it could not be reached and why, once,
+/// with how to start it.
 pub(crate) fn connect_hypervisor(uri: &str) -> Result<crate::host::libvirt::Libvirt> {
-    crate::host::libvirt::Libvirt::connect(Some(uri))
-        .map_err(|e| provision(format!("cannot reach libvirt at {uri}"), e.hint(), e))
+    crate::host::libvirt::Libvirt::connect(Some(uri)).map_err(|e| Error::Provision {
+        what: e.to_string(),
+        hint: e.hint(),
+        source: None,
+    })
 }
 
 /// Per-node overlays on the cached base image, and their cloud-init seeds. The
@@ -621,14 +633,15 @@ impl Action for DisksPhase {
         let img = lab_image(cx.plan, &self.opts, CacheProgress::Lines)?;
         let keys = ssh::ensure_lab_keys(cx.plan)
             .map_err(|e| provision("the lab's ssh keys".into(), e.hint(), e))?;
-        for dir in [
-            &cx.plan.paths.disks,
-            &cx.plan.paths.seeds,
-            &cx.plan.paths.console,
-        ] {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::with_source(format!("cannot create {}", dir.display()), e))?;
-        }
+        crate::state::ensure_node_dirs(cx.plan).map_err(|e| {
+            Error::with_source(
+                format!(
+                    "cannot create the node directories under {}",
+                    cx.plan.paths.root.display()
+                ),
+                e,
+            )
+        })?;
         for n in &cx.plan.nodes {
             cx.check_cancel(Phase::Disks)?;
             let line = cx.progress.line(&n.name, "overlay and seed");
@@ -1224,7 +1237,7 @@ fn fetch_components(
         match result {
             Ok(_) => line.done("downloaded and verified"),
             Err(e) if optional => {
-                let _ = std::fs::write(&gave_up, format!("{e}\n"));
+                let _ = super::journal::write_atomic(&gave_up, format!("{e}\n").as_bytes(), 0o600);
                 line.fail(&format!("{e} (optional: not retried for this lab)"));
             }
             Err(e) => line.fail(&e),

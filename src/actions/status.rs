@@ -50,6 +50,10 @@ pub struct LabStatus {
     pub faults: Vec<String>,
     /// The lab's checkpoints, by name.
     pub checkpoints: Vec<String>,
+    /// Why libvirt could not be asked about the domains, and what to do (once for
+    /// the lab, instead of an unknown state per node without a reason).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub libvirt_error: Option<(String, String)>,
 }
 
 /// What the API says, asked from this host through the load balancer as the admin.
@@ -204,6 +208,7 @@ impl LabStatus {
         }) && self.etcd_healthy != Some(false)
             && self.kubernetes.ok()
             && self.faults.is_empty()
+            && self.libvirt_error.is_none()
     }
 }
 
@@ -239,7 +244,10 @@ const QUICK: Duration = Duration::from_secs(20);
 
 pub fn collect(plan: &LabPlan, journal: &Journal, connect: &str) -> LabStatus {
     use crate::host::libvirt::{Hypervisor, Libvirt};
-    let hv = Libvirt::connect(Some(connect)).ok();
+    let (hv, libvirt_error) = match Libvirt::connect(Some(connect)) {
+        Ok(hv) => (Some(hv), None),
+        Err(e) => (None, Some((e.to_string(), e.hint()))),
+    };
     let remote = super::phases::lab_remote(plan).ok();
     let bins = crate::components::ComponentCatalog::builtin()
         .ok()
@@ -372,6 +380,7 @@ pub fn collect(plan: &LabPlan, journal: &Journal, connect: &str) -> LabStatus {
             .into_iter()
             .map(|c| c.name)
             .collect(),
+        libvirt_error,
     }
 }
 
@@ -437,7 +446,13 @@ pub fn render_table(s: &LabStatus) -> String {
         None => out.push_str("load balancer: not answering\n"),
     }
     out.push_str(&render_kube(&s.kubernetes));
-    out.push_str(&render_reset(&s.nodes));
+    match &s.libvirt_error {
+        // Without libvirt nothing is known of the saved fresh states either.
+        Some((error, hint)) => out.push_str(&format!(
+            "libvirt: {error}: domain states unknown\n  hint: {hint}\n"
+        )),
+        None => out.push_str(&render_reset(&s.nodes)),
+    }
     if !s.checkpoints.is_empty() {
         out.push_str(&format!("checkpoints: {}\n", s.checkpoints.join(", ")));
     }

@@ -25,6 +25,9 @@ pub struct TeardownReport {
     pub removed: Vec<String>,
     pub residue: Vec<String>,
     pub failures: Vec<String>,
+    /// What the failures' errors say to do (each once).
+    #[serde(skip)]
+    pub hints: Vec<String>,
     pub seconds: f64,
 }
 
@@ -38,6 +41,16 @@ pub fn teardown(
 ) -> TeardownReport {
     let t0 = Instant::now();
     let mut report = TeardownReport::default();
+    // Why each remover failed, so the residue check does not report the same cause
+    // a second time (libvirt down fails both the same way).
+    let mut failed: Vec<(&str, String)> = Vec::new();
+    let hint = |report: &mut TeardownReport, e: &Error| {
+        for h in e.hints() {
+            if !report.hints.contains(&h) {
+                report.hints.push(h);
+            }
+        }
+    };
     for r in removers {
         let line = progress.line(r.what(), "removing");
         match r.remove(lab, plan) {
@@ -50,8 +63,12 @@ pub fn teardown(
                 report.removed.extend(items);
             }
             Err(e) => {
-                line.fail(&e.to_string());
-                report.failures.push(format!("{}: {}", r.what(), chain(&e)));
+                // The error at the end says why, once, with the others.
+                line.fail("the error below says why");
+                let why = chain(&e);
+                report.failures.push(format!("{}: {why}", r.what()));
+                hint(&mut report, &e);
+                failed.push((r.what(), why));
             }
         }
     }
@@ -60,19 +77,29 @@ pub fn teardown(
             Ok(left) => report
                 .residue
                 .extend(left.into_iter().map(|x| format!("{}: {x}", r.what()))),
-            Err(e) => report.failures.push(format!(
-                "{} (checking what is left): {}",
-                r.what(),
-                chain(&e)
-            )),
+            Err(e) => {
+                let why = chain(&e);
+                if failed.iter().any(|(w, c)| *w == r.what() && *c == why) {
+                    continue;
+                }
+                report
+                    .failures
+                    .push(format!("{} (checking what is left): {why}", r.what()));
+                hint(&mut report, &e);
+            }
         }
     }
     report.seconds = t0.elapsed().as_secs_f64();
     report
 }
 
+/// The error and its causes on one line, without the top-level "host provisioning
+/// failed" the final error says once anyway.
 fn chain(e: &Error) -> String {
-    let mut s = e.to_string();
+    let mut s = match e {
+        Error::Provision { what, .. } => what.clone(),
+        other => other.to_string(),
+    };
     let mut c = std::error::Error::source(e);
     while let Some(x) = c {
         s.push_str(": ");
@@ -98,9 +125,16 @@ impl TeardownReport {
                 "could not remove everything of lab `{lab}`: {}",
                 problems.join("; ")
             ),
-            hint: format!(
-                "fix the cause above and run `kthw-lab destroy {lab}` again; it removes only what the lab owns and is safe to repeat"
-            ),
+            hint: if self.hints.is_empty() {
+                format!(
+                    "fix the cause above and run `kthw-lab destroy {lab}` again; it removes only what the lab owns and is safe to repeat"
+                )
+            } else {
+                format!(
+                    "{}; then run `kthw-lab destroy {lab}` again: it removes only what the lab owns and is safe to repeat",
+                    self.hints.join("; ")
+                )
+            },
             source: None,
         })
     }

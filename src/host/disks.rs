@@ -1,5 +1,9 @@
 //! Per-node disks: a qcow2 overlay on the cached base image (never a full copy),
 //! made with `qemu-img create -f qcow2 -b BASE -F qcow2 OVERLAY SIZE`.
+//!
+//! An overlay holds everything the node writes, its keys and, on a controller, the
+//! cluster's CA key: it is 0600. libvirt's dynamic ownership hands it to qemu's user
+//! while the domain runs (and back to root after).
 
 use std::fs;
 use std::io;
@@ -124,8 +128,34 @@ pub fn image_info(path: &Path) -> Result<ImageInfo, DiskError> {
     })
 }
 
-/// Ensure `overlay` is a qcow2 overlay of `base` (absolute path) of `size_gib` GiB.
-/// An existing overlay on the same base is kept as it is (it holds the node's state).
+/// The mode of a node's overlay.
+pub const OVERLAY_MODE: u32 = 0o600;
+
+/// Make `path` readable by its owner only (a file made by an older version was
+/// world-readable); leaves a file that is already private alone.
+fn make_private(path: &Path) -> Result<(), DiskError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |what| {
+        move |source| DiskError::Io {
+            path: path.to_path_buf(),
+            what,
+            source,
+        }
+    };
+    let mode = fs::metadata(path)
+        .map_err(io("read the mode of"))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(OVERLAY_MODE))
+            .map_err(io("make private"))?;
+    }
+    Ok(())
+}
+
+/// Ensure `overlay` is a qcow2 overlay of `base` (absolute path) of `size_gib` GiB,
+/// readable by its owner only. An existing overlay on the same base is kept as it is
+/// (it holds the node's state), its mode made private if it was not.
 pub fn ensure_overlay(
     base: &Path,
     overlay: &Path,
@@ -148,6 +178,7 @@ pub fn ensure_overlay(
                 expected: base,
             });
         }
+        make_private(overlay)?;
         return Ok(DiskOutcome::Exists);
     }
     if let Some(dir) = overlay.parent() {
@@ -168,6 +199,11 @@ pub fn ensure_overlay(
             "create", "-q", "-f", "qcow2", "-b", &b, "-F", "qcow2", &t, &size,
         ],
     ) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // qemu-img creates it by the umask (0644 as a rule): private before it has a name.
+    if let Err(e) = make_private(&tmp) {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }

@@ -47,9 +47,9 @@ pub enum HypervisorError {
 impl HypervisorError {
     pub fn hint(&self) -> String {
         match self {
-            HypervisorError::Connect { uri, .. } => format!(
-                "start libvirt (`virtlogd -d; libvirtd -d` without systemd) or pass another --connect than {uri}; tests run it privately via scripts/netns-run"
-            ),
+            HypervisorError::Connect { uri, message } => {
+                connect_hint(uri, message, Path::new("/run/systemd/system").is_dir())
+            }
             HypervisorError::Libvirt { resource, .. } => format!(
                 "see `virsh dumpxml {resource}` and /var/log/libvirt/qemu/{resource}.log"
             ),
@@ -62,6 +62,32 @@ impl HypervisorError {
             }
         }
     }
+}
+
+/// What to do when libvirt at `uri` cannot be reached, from libvirt's `message`
+/// (pure). `systemd`: whether systemd runs this host (`/run/systemd/system`), which
+/// decides how to start the daemon.
+pub fn connect_hint(uri: &str, message: &str, systemd: bool) -> String {
+    // qemu:///system and qemu+unix:///system?socket=...: the local system daemon.
+    let local = uri.starts_with("qemu:///system") || uri.starts_with("qemu+unix:///system");
+    let m = message.to_lowercase();
+    if local && m.contains("permission denied") {
+        return format!(
+            "libvirtd at {uri} refuses this user: run as root (sudo), or pass another --connect"
+        );
+    }
+    let down = m.contains("no such file or directory") || m.contains("connection refused");
+    if local && down {
+        let start = if systemd {
+            "`systemctl start libvirtd`"
+        } else {
+            "`virtlogd -d; libvirtd -d` (this host runs without systemd)"
+        };
+        return format!(
+            "libvirtd is not running: start it with {start}, or pass another --connect than {uri}"
+        );
+    }
+    format!("check that libvirt runs and answers at {uri}, or pass another --connect")
 }
 
 /// A domain's run state, as far as the lab cares.

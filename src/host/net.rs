@@ -76,7 +76,15 @@ fn write_pending_bridge(path: &Path, bridge: &str) -> Result<(), NetError> {
     let tmp = path.with_extension("tmp");
     {
         use std::io::Write;
-        let mut f = fs::File::create(&tmp).map_err(st("write"))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Private like everything under a lab's dir.
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(st("write"))?;
         f.write_all(bridge.as_bytes()).map_err(st("write"))?;
         f.sync_all().map_err(st("write"))?;
     }

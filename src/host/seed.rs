@@ -3,6 +3,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::render::cloudinit::SeedFiles;
@@ -77,9 +78,9 @@ impl fatfs::TimeProvider for FixedTime {
 
 static FIXED_TIME: FixedTime = FixedTime;
 
-/// Write the seed volume to `path` (atomically: a temp file renamed into place).
-/// Rewritten every time: it is cheap, and the instance-id inside decides whether
-/// cloud-init applies it again.
+/// Write the seed volume to `path` (atomically: a temp file renamed into place), 0600:
+/// it holds the node's SSH host private key. Rewritten every time: it is cheap, and
+/// the instance-id inside decides whether cloud-init applies it again.
 pub fn write_seed(path: &Path, files: &SeedFiles) -> Result<(), SeedError> {
     let err = |what: &str| {
         let what = what.to_string();
@@ -99,8 +100,12 @@ pub fn write_seed(path: &Path, files: &SeedFiles) -> Result<(), SeedError> {
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(&tmp)
             .map_err(err("create the temp file"))?;
+        // A temp file left by an interrupted run keeps its old mode: set it.
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(err("make the temp file private"))?;
         f.set_len(SEED_BYTES).map_err(err("size the volume"))?;
         fatfs::format_volume(
             &mut f,

@@ -154,9 +154,24 @@ pub fn load_str(
         }])
     })?;
     let mut cx = Ctx::new(label);
-    let scenario = decode_scenario(&root, &mut cx, sources);
+    // Compiled in and tested: failing to load is a bug, reported rather than skipped.
+    let catalog = crate::components::ComponentCatalog::builtin();
+    if let Err(e) = &catalog {
+        cx.error_at_path(
+            "",
+            format!(
+                "the component catalog built into kthw-lab does not load (a bug): {}",
+                e.report()
+            ),
+        );
+    }
+    let catalog = catalog.ok();
+    let scenario = decode_scenario(&root, &mut cx, sources, catalog.as_ref());
     if let Some(s) = &scenario {
         validate::check(s, &mut cx, host);
+        if let Some(cat) = &catalog {
+            validate::check_versions(s, cat, &mut cx);
+        }
     }
     if cx.has_errors() || scenario.is_none() {
         let mut d = cx.diagnostics;
@@ -166,7 +181,12 @@ pub fn load_str(
     Ok(scenario.expect("checked above"))
 }
 
-fn decode_scenario(root: &Node, cx: &mut Ctx, sources: &Sources) -> Option<Scenario> {
+fn decode_scenario(
+    root: &Node,
+    cx: &mut Ctx,
+    sources: &Sources,
+    catalog: Option<&crate::components::ComponentCatalog>,
+) -> Option<Scenario> {
     let mut m = MapReader::new(root, "", cx, SCENARIO_FIELDS)?;
     let name: Option<String> = m.req("name", cx);
     let description = m.opt("description", cx);
@@ -204,7 +224,9 @@ fn decode_scenario(root: &Node, cx: &mut Ctx, sources: &Sources) -> Option<Scena
     );
     let versions = read_versions(m.section("versions", cx), cx);
     let from_image: Vec<String> = m.opt("from_image", cx).unwrap_or_default();
-    check_from_image(&from_image, &image, cx);
+    // An unknown image is one error (above), not one more per from_image entry.
+    let image_known = !cx.has_errors_at("image");
+    check_from_image(&from_image, image_known.then_some(&image[..]), catalog, cx);
     m.finish(cx);
     Some(Scenario {
         name: name.unwrap_or_default(),
@@ -225,9 +247,15 @@ fn decode_scenario(root: &Node, cx: &mut Ctx, sources: &Sources) -> Option<Scena
 }
 
 /// Each listed component must be one an image can provide, listed once, and
-/// provided by the scenario's image according to the component catalog.
-fn check_from_image(list: &[String], image: &str, cx: &mut Ctx) {
-    let catalog = crate::components::ComponentCatalog::builtin().ok();
+/// provided by the scenario's image according to the component catalog. `image` is
+/// `None` when it is unknown (already reported): what it ships cannot be checked.
+/// `catalog` is `None` only when the built-in catalog failed to load (reported).
+fn check_from_image(
+    list: &[String],
+    image: Option<&str>,
+    catalog: Option<&crate::components::ComponentCatalog>,
+    cx: &mut Ctx,
+) {
     for (i, c) in list.iter().enumerate() {
         let path = format!("from_image[{i}]");
         if !model::IMAGE_COMPONENTS.contains(&c.as_str()) {
@@ -240,7 +268,7 @@ fn check_from_image(list: &[String], image: &str, cx: &mut Ctx) {
             );
         } else if list[..i].contains(c) {
             cx.error_at_path(&path, format!("`{c}` is listed twice"));
-        } else if let Some(cat) = &catalog {
+        } else if let (Some(cat), Some(image)) = (catalog, image) {
             if cat.from_image(image, c).is_none() {
                 cx.error_at_path(
                     &path,

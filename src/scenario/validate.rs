@@ -7,9 +7,10 @@ use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
 
-use super::decode::Ctx;
+use super::decode::{Ctx, Keyword};
 use super::model::{NodeGroup, Role, Scenario};
 use super::HostLimits;
+use crate::components::{ComponentCatalog, VersionOf};
 
 /// Memory kept for the host itself when checking guest totals.
 pub const HOST_RESERVE_MIB: u64 = 1024;
@@ -104,6 +105,57 @@ pub fn check(s: &Scenario, cx: &mut Ctx, host: &HostLimits) {
         if ok(cx, &[&path]) && !is_version(v) {
             cx.error_at_path(&path, format!("`{v}` is not a release version like 1.32.3"));
         }
+    }
+}
+
+/// Every version the lab will download must be one the component catalog has a
+/// release (URL and checksum) for; otherwise `create` fails only after the VMs have
+/// booted. Run after [`check`], which rejects what is not a version at all. A
+/// component taken from the image (`from_image`) does not use its `versions` entry,
+/// so that entry is not checked (it is the release used once the component leaves
+/// `from_image`; the image's own version is in the catalog's `provided_by_image`).
+pub fn check_versions(s: &Scenario, catalog: &ComponentCatalog, cx: &mut Ctx) {
+    for (key, of) in VersionOf::WORDS {
+        let path = format!("versions.{key}");
+        if cx.has_errors_at(&path) {
+            continue;
+        }
+        let version = of.pick(&s.versions);
+        let used: Vec<_> = catalog
+            .components
+            .iter()
+            .filter(|c| c.version_of == *of && !s.from_image.contains(&c.name))
+            .collect();
+        let lacking: Vec<_> = used
+            .iter()
+            .filter(|c| !c.versions.contains_key(version))
+            .collect();
+        if lacking.is_empty() {
+            continue;
+        }
+        let mut known: Vec<&str> = lacking
+            .iter()
+            .flat_map(|c| c.versions.keys().map(String::as_str))
+            .collect();
+        known.sort();
+        known.dedup();
+        let known = if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        };
+        let what = if lacking.len() == used.len() {
+            format!("{key} {version}")
+        } else {
+            let names: Vec<&str> = lacking.iter().map(|c| c.name.as_str()).collect();
+            format!("{} {version}", names.join(", "))
+        };
+        cx.error_at_path(
+            &path,
+            format!(
+                "{what} is not in the component catalog, which knows {key} {known}: pick one of those, or add the release with its checksum to components/catalog.yaml"
+            ),
+        );
     }
 }
 

@@ -64,6 +64,45 @@ pub fn record_plan(plan: &crate::plan::LabPlan) -> std::io::Result<()> {
     crate::actions::journal::write_atomic(&plan.paths.plan, plan.to_json().as_bytes(), 0o600)
 }
 
+/// Directories qemu must traverse to open a node's files by name (disks, seeds,
+/// console logs): 0711. Under qemu:///system qemu runs as its own user, which libvirt
+/// hands each disk to; nobody else can list them, and every file in them is 0600.
+pub const QEMU_DIR_MODE: u32 = 0o711;
+
+/// Directories only this tool reads (the load balancer's config, log and pid): 0700.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+
+/// Create `dir` (and its parents) and give it exactly `mode`.
+pub fn ensure_dir_mode(dir: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    if std::fs::metadata(dir)?.permissions().mode() & 0o7777 != mode {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
+/// The directories of a lab's node files, and each node's console log made 0600 before
+/// its domain first starts: libvirt's virtlogd appends the guest's serial console to
+/// it (what the guest prints, secrets included) and keeps an existing file's mode.
+pub fn ensure_node_dirs(plan: &crate::plan::LabPlan) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    for dir in [&plan.paths.disks, &plan.paths.seeds, &plan.paths.console] {
+        ensure_dir_mode(dir, QEMU_DIR_MODE)?;
+    }
+    for n in &plan.nodes {
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&n.console_log)?;
+        if f.metadata()?.permissions().mode() & 0o077 != 0 {
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
+}
+
 /// Names of every lab with a state dir, sorted.
 pub fn lab_names(state_dir: &Path) -> std::io::Result<Vec<String>> {
     let mut names = Vec::new();

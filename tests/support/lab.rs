@@ -15,30 +15,73 @@ use super::{root, text};
 pub const INSIDE: &str = "KTHW_E2E_INSIDE";
 
 /// Outside: build the image, then re-run `test` inside netns-run. True when the
-/// caller is inside and should do the work.
+/// caller is inside and should do the work. The test is `#[ignore = "real VMs: ..."]`
+/// (see [`super::real_vm_test`]), so its copy inside is started with
+/// `--include-ignored`.
 pub fn enter(test: &str) -> bool {
     if std::env::var_os(INSIDE).is_some() {
         super::report_panics_outward();
         return true;
     }
-    if std::env::var("KTHW_VM_TESTS").as_deref() != Ok("1") {
-        println!("SKIPPED {test}: real-VM test; set KTHW_VM_TESTS=1 to run it");
-        return false;
-    }
+    super::real_vm_test(test);
     let image = super::shared_image();
     let mut cmd = Command::new(root().join("scripts/netns-run"));
     cmd.arg(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--nocapture"])
+        .args(["--exact", test, "--nocapture", "--include-ignored"])
         .env(INSIDE, "1")
         .env("KTHW_E2E_CACHE", image.parent().unwrap().parent().unwrap());
     super::run_inside(cmd, test);
     false
 }
 
-/// A shell command's standard output (failures show as missing output).
-pub fn sh(cmd: &str) -> String {
+/// A shell command's standard output, or why it failed (exit status and stderr).
+pub fn try_sh(cmd: &str) -> Result<String, String> {
     let o = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    if o.status.success() {
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    } else {
+        Err(format!(
+            "`{cmd}` failed ({}): {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))
+    }
+}
+
+/// A shell command's standard output; the test fails when the command does (a probe
+/// whose command fails must never read as "nothing there").
+pub fn sh(cmd: &str) -> String {
+    try_sh(cmd).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// For the rare command whose failure is an expected answer (asking libvirt about a
+/// domain that may not be defined yet): its output, `None` when it failed.
+pub fn sh_may_fail(cmd: &str) -> Option<String> {
+    try_sh(cmd).ok()
+}
+
+/// `cmd` about one thing a listing just showed (a domain, a pool). It may fail only
+/// because the thing went away in the meantime (another lab destroyed beside this
+/// one): then `None`. If `still_listed` says it is still there, the failure is real
+/// and fails the test.
+pub fn about_listed(cmd: &str, still_listed: impl FnOnce() -> bool) -> Option<String> {
+    match try_sh(cmd) {
+        Ok(out) => Some(out),
+        Err(e) if still_listed() => panic!("{e}"),
+        Err(_) => None,
+    }
+}
+
+fn domain_listed(d: &str) -> bool {
+    sh("virsh -q -c qemu:///system list --all --name")
+        .split_whitespace()
+        .any(|x| x == d)
+}
+
+fn pool_listed(p: &str) -> bool {
+    sh("virsh -q -c qemu:///system pool-list --all --name")
+        .split_whitespace()
+        .any(|x| x == p)
 }
 
 /// The binary with plain progress lines; the user's view goes to the test log.
@@ -97,12 +140,12 @@ pub fn plan_json(state: &Path, scenario: &str) -> Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
-fn json(cmd: &str) -> Value {
+/// A command's JSON output; a failing command, or output that is not JSON (empty
+/// included: `ip -j` and `nft -j` print `[]` or an object when there is nothing),
+/// fails the test.
+pub fn json(cmd: &str) -> Value {
     let out = sh(cmd);
-    if out.trim().is_empty() {
-        return Value::Array(Vec::new());
-    }
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("`{cmd}`: {e}: {out}"))
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("`{cmd}`: {e}: {out:?}"))
 }
 
 fn s(v: &Value) -> &str {
@@ -130,11 +173,24 @@ pub fn residue(plan: &Value, state: &Path) -> Vec<String> {
     let marker = format!("name=\"{lab}\" role=");
     let mut other_taps = BTreeSet::new();
     for d in sh("virsh -q -c qemu:///system list --all --name").split_whitespace() {
-        let xml = sh(&format!("virsh -c qemu:///system dumpxml {d}"));
-        if domains.contains(d) || xml.contains(&marker) {
+        if domains.contains(d) {
             left.push(format!("domain {d}"));
-        } else {
-            for l in sh(&format!("virsh -q -c qemu:///system domiflist {d}")).lines() {
+            continue;
+        }
+        // Another lab's domain may be undefined between the list and these questions.
+        let Some(xml) = about_listed(&format!("virsh -c qemu:///system dumpxml {d}"), || {
+            domain_listed(d)
+        }) else {
+            continue;
+        };
+        if xml.contains(&marker) {
+            left.push(format!("domain {d}"));
+        } else if let Some(ifs) =
+            about_listed(&format!("virsh -q -c qemu:///system domiflist {d}"), || {
+                domain_listed(d)
+            })
+        {
+            for l in ifs.lines() {
                 if let Some(tap) = l.split_whitespace().next() {
                     other_taps.insert(tap.to_string());
                 }
@@ -142,9 +198,12 @@ pub fn residue(plan: &Value, state: &Path) -> Vec<String> {
         }
     }
     for pool in sh("virsh -q -c qemu:///system pool-list --all --name").split_whitespace() {
-        let vols = sh(&format!(
-            "virsh -q -c qemu:///system vol-list --pool {pool}"
-        ));
+        let Some(vols) = about_listed(
+            &format!("virsh -q -c qemu:///system vol-list --pool {pool}"),
+            || pool_listed(pool),
+        ) else {
+            continue;
+        };
         for l in vols
             .lines()
             .filter(|l| l.contains(lab_dir.to_str().unwrap()))

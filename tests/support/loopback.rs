@@ -38,8 +38,6 @@ pub fn wait_listening(port: u16, what: &str) {
     }
 }
 
-pub const SSHD: &str = "/usr/sbin/sshd";
-
 /// sshd on 127.0.0.1 with its own host key and one user key for root, in `dir`.
 pub struct Sshd {
     _child: Killed,
@@ -49,7 +47,7 @@ pub struct Sshd {
 
 /// An ECDSA key pair in PEM (what libssh2 reads everywhere).
 pub fn keygen(path: &Path) {
-    assert!(Command::new("ssh-keygen")
+    assert!(Command::new(super::require("ssh-keygen", "openssh-client"))
         .args(["-q", "-t", "ecdsa", "-b", "256", "-m", "PEM", "-N", "", "-f"])
         .arg(path)
         .status()
@@ -57,16 +55,9 @@ pub fn keygen(path: &Path) {
         .success());
 }
 
-/// Start an sshd; `None` (and a line saying why) when sshd is not installed, a panic
-/// instead when `KTHW_REQUIRE_TOOLS` is set.
-pub fn start_sshd() -> Option<Sshd> {
-    if !Path::new(SSHD).exists() {
-        if std::env::var_os("KTHW_REQUIRE_TOOLS").is_some() {
-            panic!("needs {SSHD} (apt-get install openssh-server)");
-        }
-        eprintln!("skipped: {SSHD} missing (apt-get install openssh-server)");
-        return None;
-    }
+/// Start an sshd; a missing sshd fails the test (see [`super::require`]).
+pub fn start_sshd() -> Sshd {
+    let sshd = super::require("sshd", "openssh-server");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     keygen(&d.join("host_key"));
@@ -89,7 +80,7 @@ pub fn start_sshd() -> Option<Sshd> {
     )
     .unwrap();
     let child = Killed(
-        Command::new(SSHD)
+        Command::new(&sshd)
             .args(["-D", "-e", "-f"])
             .arg(d.join("sshd_config"))
             .stdout(Stdio::null())
@@ -110,11 +101,11 @@ pub fn start_sshd() -> Option<Sshd> {
         assert!(Instant::now() < deadline, "sshd did not come up");
         std::thread::sleep(Duration::from_millis(50));
     }
-    Some(Sshd {
+    Sshd {
         _child: child,
         port,
         dir,
-    })
+    }
 }
 
 impl Sshd {

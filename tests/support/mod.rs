@@ -1,4 +1,5 @@
-//! Shared test support: network namespaces the test creates and always deletes.
+//! Shared test support: network namespaces the test creates and always deletes, the
+//! one way a test asks for a host tool, and the gate of the real-VM tests.
 #![allow(dead_code)]
 
 pub mod lab;
@@ -12,6 +13,45 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The path of `tool` (on PATH, or in /usr/sbin and /sbin, where Debian puts sshd and
+/// friends); panics naming the Debian package when it is missing. A test that cannot
+/// run its check fails: it never passes without having checked anything.
+/// `scripts/deps.sh build test` installs every package named here.
+pub fn require(tool: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "missing {tool}: apt-get install --no-install-recommends {package} (or scripts/deps.sh build test)"
+            )
+        })
+}
+
+/// The gate of every real-VM test (and of tests that start `scripts/netns-run`):
+/// such a test is `#[ignore = "real VMs: ..."]`, so a plain `cargo test` lists it as
+/// ignored instead of booting VMs or passing without having run, and `make test`
+/// runs it (`--run-ignored all`). A real-VM test someone forgot to mark fails here
+/// instead of running in every `cargo test`. Also checks the one thing all of them
+/// need: root (namespaces, libvirtd).
+pub fn real_vm_test(test: &str) {
+    // nextest passes `--ignored` to an ignored test; `cargo test -- --include-ignored`
+    // and `--ignored` pass themselves through.
+    let ignored_run = std::env::args().any(|a| a == "--ignored" || a == "--include-ignored");
+    assert!(
+        ignored_run,
+        "{test} boots real VMs but is not #[ignore]d: mark it #[ignore = \"real VMs: run by make test (--run-ignored all)\"]"
+    );
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "{test} needs root (network namespaces, a private libvirtd)"
+    );
 }
 
 /// A network namespace owned by one test; deleted on drop, even after a panic.
@@ -122,8 +162,17 @@ pub fn shared_image() -> PathBuf {
 /// output is thousands of lines, and a CI excerpt shows only its head and tail.
 const PANIC_FILE: &str = "KTHW_E2E_PANIC_FILE";
 
-/// Inside netns-run: write every panic to the file the test outside reads, too.
+/// Where the copy inside says that it started, so the test outside can tell a run
+/// from a copy that matched no test (a wrong name, or an ignored test started
+/// without `--include-ignored`), which libtest reports as success.
+const RAN_FILE: &str = "KTHW_E2E_RAN_FILE";
+
+/// Inside netns-run: say that the test started, and write every panic to the file
+/// the test outside reads, too.
 pub fn report_panics_outward() {
+    if let Some(ran) = std::env::var_os(RAN_FILE) {
+        std::fs::write(ran, "started\n").expect("tell the test outside that this one runs");
+    }
     let Some(path) = std::env::var_os(PANIC_FILE) else {
         return;
     };
@@ -145,11 +194,18 @@ pub fn report_panics_outward() {
 /// test inside panic.
 pub fn run_inside(mut cmd: Command, test: &str) {
     let file = tempfile::NamedTempFile::new().unwrap();
+    let ran = tempfile::NamedTempFile::new().unwrap();
     let st = cmd
         .env(PANIC_FILE, file.path())
+        .env(RAN_FILE, ran.path())
         .status()
         .expect("run scripts/netns-run");
     if st.success() {
+        let started = std::fs::read_to_string(ran.path()).unwrap_or_default();
+        assert!(
+            started.contains("started"),
+            "{test} did not run inside scripts/netns-run: the copy there matched no test (is it ignored and started without --include-ignored?)"
+        );
         return;
     }
     let why = std::fs::read_to_string(file.path()).unwrap_or_default();
