@@ -12,7 +12,8 @@
 //! - **Cleanup**: a run SIGKILLed in the middle of a partition, a paused node and a
 //!   unit held down leaves them recorded; `status` says so; the next `experiment
 //!   run` undoes every one. Killed again, `destroy` leaves nothing (the partition
-//!   table included). A delay (netem) joins them when this kernel has netem.
+//!   table included). (A delay is proven on its own in `tests/net.rs`, where the
+//!   kernel has netem.)
 //! - **2 controllers**: the same `etcd-member-down`: writes fail through the outage
 //!   window (quorum lost) and recover after the member restarts. `experiment
 //!   compare` shows the two runs side by side. A checkpoint restored after `stop` and
@@ -138,13 +139,9 @@ fn kill_run_at(state: &Path, lab: &str, file: &Path, trigger: &str) {
     assert!(!st.success(), "the run ended before the kill");
 }
 
-fn faults_file(tmp: &Path, netem: bool) -> PathBuf {
-    let mut steps = String::from(
-        "  - {id: cut, at: 2s, action: partition, groups: [[controller:0], [others]]}\n  - {id: freeze, at: 3s, action: pause-node, node: controller:1}\n  - {id: down, at: 4s, action: kill-unit, node: controller:2, unit: etcd}\n",
-    );
-    if netem {
-        steps.push_str("  - {id: slow, at: 5s, action: delay, node: controller:2, ms: 100}\n");
-    }
+fn faults_file(tmp: &Path) -> PathBuf {
+    let steps =
+        "  - {id: cut, at: 2s, action: partition, groups: [[controller:0], [others]]}\n  - {id: freeze, at: 3s, action: pause-node, node: controller:1}\n  - {id: down, at: 4s, action: kill-unit, node: controller:2, unit: etcd}\n";
     let f = tmp.join("many-faults.yaml");
     std::fs::write(
         &f,
@@ -152,10 +149,6 @@ fn faults_file(tmp: &Path, netem: bool) -> PathBuf {
     )
     .unwrap();
     f
-}
-
-fn netem_here() -> bool {
-    kthw_lab::faults::netem_available() != Some(false)
 }
 
 #[test]
@@ -307,11 +300,7 @@ fn experiments_and_checkpoints_on_two_and_three_controllers() {
     assert_eq!(p["history"]["verdict"], "ok", "{}", p["history"]);
 
     // Killed in the middle of its faults: recorded, shown, undone by the next run.
-    let netem = netem_here();
-    if !netem {
-        println!("this kernel has no netem: the delay is left out of the kill test");
-    }
-    let mf = faults_file(tmp.path(), netem);
+    let mf = faults_file(tmp.path());
     kill_run_at(&state, "ex3", &mf, "last: ");
     let o = kthw(&state, &["status", "ex3"]);
     assert!(!o.status.success(), "status must fail with faults in force");
@@ -337,12 +326,6 @@ fn experiments_and_checkpoints_on_two_and_three_controllers() {
         assert!(
             err.contains(&format!("undone from an earlier run: {f}")),
             "{f} not undone:\n{err}"
-        );
-    }
-    if netem {
-        assert!(
-            err.contains("undone from an earlier run: delay on c3"),
-            "{err}"
         );
     }
     assert!(!sh("nft list tables").contains("kthw_ex3_faults"));

@@ -923,3 +923,58 @@ fn a_partition_drops_packets_between_groups_and_heal_restores_them() {
         },
     );
 }
+
+/// An experiment's delay, for real: netem on the host side of a node's link (as on
+/// its tap device) adds the delay to every round trip with the node, is found by its
+/// marker (a netem root qdisc), and goes again. Needs a kernel with netem: `make
+/// test` leaves it out, saying so, on one without (this build box's kernel has no
+/// CONFIG_NET_SCH_NETEM).
+#[test]
+#[ignore = "needs netem in the kernel: make test runs it where the kernel has it"]
+fn a_delay_with_netem_slows_every_round_trip_with_the_node_until_cleared() {
+    in_namespaces(
+        "a_delay_with_netem_slows_every_round_trip_with_the_node_until_cleared",
+        2,
+        |ctx| {
+            use kthw_lab::faults;
+            assert_ne!(
+                faults::netem_available(),
+                Some(false),
+                "this kernel has no netem (CONFIG_NET_SCH_NETEM)"
+            );
+            let node = &ctx.ns[1];
+            sh(&format!(
+                "ip link set lo up
+                 ip link add tap0 type veth peer name eth0 netns {node}
+                 ip addr add 10.81.0.1/24 dev tap0
+                 ip link set tap0 up
+                 ip -n {node} link set lo up
+                 ip -n {node} addr add 10.81.0.2/24 dev eth0
+                 ip -n {node} link set eth0 up"
+            ));
+            let rtt_ms = || -> f64 {
+                let out = run_ok("ping", &["-c", "3", "-i", "0.2", "-W", "2", "10.81.0.2"]);
+                // rtt min/avg/max/mdev = 0.040/0.051/0.062/0.009 ms
+                let line = out.lines().find(|l| l.contains("min/avg/max")).unwrap();
+                let nums = line.split('=').nth(1).unwrap().trim();
+                nums.split('/').nth(1).unwrap().parse().unwrap()
+            };
+            assert!(rtt_ms() < 50.0);
+            assert!(!faults::netem_on("tap0").unwrap());
+            faults::delay_device("tap0", 150, 0, 0.0).unwrap();
+            faults::delay_device("tap0", 150, 0, 0.0).unwrap(); // replaces, not adds
+            assert!(faults::netem_on("tap0").unwrap());
+            let slow = rtt_ms();
+            assert!(
+                (150.0..300.0).contains(&slow),
+                "rtt with 150 ms of delay: {slow}"
+            );
+            assert!(faults::undelay_device("tap0").unwrap());
+            assert!(
+                !faults::undelay_device("tap0").unwrap(),
+                "a second clear finds nothing"
+            );
+            assert!(rtt_ms() < 50.0, "cleared");
+        },
+    );
+}

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 const REAL_VMS: &str = "real VMs:";
+const NEEDS_NETEM: &str = "needs netem";
 
 /// One `#[test]` function: its ignore reason (`Some("")` for a bare `#[ignore]`)
 /// and its body.
@@ -104,10 +105,16 @@ fn all_tests() -> BTreeMap<String, Vec<TestFn>> {
 
 /// The test names of the Makefile's `NOT_IN_MAKE_TEST := ...` (with `\` lines).
 fn not_in_make_test(makefile: &str) -> Vec<String> {
+    make_list(makefile, "NOT_IN_MAKE_TEST")
+}
+
+/// The words of the Makefile's `VAR := ...` (with `\` lines).
+fn make_list(makefile: &str, var: &str) -> Vec<String> {
     let mut words = Vec::new();
     let mut lines = makefile.lines();
+    let head = format!("{var} :=");
     while let Some(l) = lines.next() {
-        let Some(rest) = l.strip_prefix("NOT_IN_MAKE_TEST :=") else {
+        let Some(rest) = l.strip_prefix(head.as_str()) else {
             continue;
         };
         let mut cur = rest.to_string();
@@ -163,6 +170,15 @@ fn every_ignored_test_is_either_a_real_vm_test_or_left_out_of_make_test_by_name(
         for t in ts {
             let boots = t.body.contains("enter(\"") || t.body.contains("real_vm_test(\"");
             match &t.ignore {
+                // Run by make test where the kernel can (the Makefile's NEEDS_NETEM).
+                Some(r) if r.starts_with(NEEDS_NETEM) => {
+                    if !make_list(&makefile, "NEEDS_NETEM").contains(name) {
+                        problems.push(format!(
+                            "{}: `{name}` says {NEEDS_NETEM:?} but is not in the Makefile's NEEDS_NETEM",
+                            t.file
+                        ));
+                    }
+                }
                 Some(r) if r.starts_with(REAL_VMS) => {
                     real_vm += 1;
                     if !boots {

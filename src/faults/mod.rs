@@ -460,11 +460,30 @@ pub fn apply_delay(
         });
     }
     for tap in taps {
-        let args = netem_args(&tap, ms, jitter_ms, loss_percent);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run("tc", &args, None)?;
+        delay_device(&tap, ms, jitter_ms, loss_percent)?;
     }
     Ok(())
+}
+
+/// Put netem on a device's egress: everything it sends waits `ms`.
+pub fn delay_device(
+    dev: &str,
+    ms: u32,
+    jitter_ms: u32,
+    loss_percent: f64,
+) -> Result<(), FaultError> {
+    let args = netem_args(dev, ms, jitter_ms, loss_percent);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run("tc", &args, None).map(|_| ())
+}
+
+/// Remove a netem root qdisc from a device; `true` when there was one.
+pub fn undelay_device(dev: &str) -> Result<bool, FaultError> {
+    if !netem_on(dev)? {
+        return Ok(false);
+    }
+    run("tc", &["qdisc", "del", "dev", dev, "root"], None)?;
+    Ok(true)
 }
 
 /// Whether this kernel can delay packets with netem: `Some(false)` only when its
@@ -508,10 +527,7 @@ pub fn netem_on(tap: &str) -> Result<bool, FaultError> {
 pub fn clear_delay(hv: &dyn Hypervisor, plan: &LabPlan, node: &str) -> Result<bool, FaultError> {
     let mut had = false;
     for tap in taps(hv, plan, node)? {
-        if netem_on(&tap)? {
-            run("tc", &["qdisc", "del", "dev", &tap, "root"], None)?;
-            had = true;
-        }
+        had |= undelay_device(&tap)?;
     }
     Ok(had)
 }
