@@ -67,13 +67,7 @@ fn no_file_under_a_lab_is_readable_by_another_user() {
     kthw_lab::state::ensure_node_dirs(&plan).unwrap();
     let base = state.join("cache/images/test/disk.qcow2");
     std::fs::create_dir_all(base.parent().unwrap()).unwrap();
-    assert!(Command::new(&qemu_img)
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&base)
-        .arg("1G")
-        .status()
-        .unwrap()
-        .success());
+    base_image(&qemu_img, &base);
     for n in &plan.nodes {
         ensure_overlay(&base, &n.disk_path, 4).unwrap();
         let files = render_seed(&plan, n, &keys.seed_keys(&n.name).unwrap());
@@ -171,13 +165,7 @@ fn files_made_readable_by_an_older_version_are_made_private() {
     let tmp = tempfile::tempdir().unwrap();
     let plan = fixture::lab_plan("old", 1, 0, 512, tmp.path());
     let base = tmp.path().join("base.qcow2");
-    assert!(Command::new(&qemu_img)
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&base)
-        .arg("1G")
-        .status()
-        .unwrap()
-        .success());
+    base_image(&qemu_img, &base);
     let n = &plan.nodes[0];
     kthw_lab::state::ensure_node_dirs(&plan).unwrap();
     ensure_overlay(&base, &n.disk_path, 4).unwrap();
@@ -189,4 +177,15 @@ fn files_made_readable_by_an_older_version_are_made_private() {
     for f in [&n.disk_path, &n.console_log] {
         assert_eq!(mode(f), 0o600, "{}", f.display());
     }
+}
+
+/// An empty 1 GiB qcow2 to put overlays on.
+fn base_image(qemu_img: &std::path::Path, base: &std::path::Path) {
+    assert!(Command::new(qemu_img)
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(base)
+        .arg("1G")
+        .status()
+        .unwrap()
+        .success());
 }

@@ -1,5 +1,7 @@
 //! Collisions between labs on one host, found before anything is created.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 
 use kthw_lab::host::preflight::lab_conflicts;
@@ -242,18 +244,7 @@ fn a_state_dir_under_a_closed_directory_is_found_on_this_host() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let state = tmp.path().join("state");
-    let p = {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let text = std::fs::read_to_string(root.join("scenarios/1m1w.yaml")).unwrap();
-        let s = load_str(
-            &text,
-            "1m1w.yaml",
-            &Sources { roots: vec![root] },
-            &HostLimits { memory_mib: 65536 },
-        )
-        .unwrap();
-        plan(&s, &text, &state)
-    };
+    let p = support::plan_1m1w(&state);
     let found = check_qemu_reach(&p, &state);
     match who {
         Some(w) if w.uid != 0 => {

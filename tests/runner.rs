@@ -2,27 +2,19 @@
 //! the errors a user sees. Phases here are injected doubles that record calls or
 //! fail at a chosen step; the real phases are tested against the real system.
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use kthw_lab::actions::{
     render_timings, Action, Cancel, Journal, Phase, PhaseState, Progress, Range, RunCtx, Runner,
 };
 use kthw_lab::error::Error;
-use kthw_lab::plan::{plan, LabPlan};
-use kthw_lab::scenario::{load_str, HostLimits, Sources};
+use kthw_lab::plan::LabPlan;
 
 fn lab_plan(state: &Path) -> LabPlan {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(root.join("scenarios/1m1w.yaml")).unwrap();
-    let s = load_str(
-        &text,
-        "1m1w.yaml",
-        &Sources { roots: vec![root] },
-        &HostLimits { memory_mib: 65536 },
-    )
-    .unwrap();
-    plan(&s, &text, state)
+    support::plan_1m1w(state)
 }
 
 type Log = Arc<Mutex<Vec<Phase>>>;

@@ -31,7 +31,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::scenario::decode::{Ctx, Diagnostic, Keyword, MapReader};
-use crate::scenario::yaml::{self, Node};
+use crate::scenario::yaml::Node;
 
 use super::checksum::{Algorithm, Checksum};
 
@@ -396,15 +396,7 @@ fn parse_entry(
     label: &str,
     dir: Option<&Path>,
 ) -> Result<ImageSpec, Vec<Diagnostic>> {
-    let root = yaml::parse(text).map_err(|e| {
-        vec![Diagnostic {
-            file: label.to_string(),
-            line: e.pos.line,
-            col: e.pos.col,
-            path: String::new(),
-            message: format!("invalid YAML: {}", e.message),
-        }]
-    })?;
+    let root = crate::scenario::decode::parse_document(text, label).map_err(|d| vec![d])?;
     let mut cx = Ctx::new(label);
     let spec = decode_entry(name, &root, &mut cx, dir);
     if cx.has_errors() || spec.is_none() {

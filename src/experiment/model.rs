@@ -7,8 +7,8 @@
 use serde::Serialize;
 
 use crate::actions::Phase;
-use crate::scenario::decode::{Ctx, Diagnostic, FromNode, MapReader};
-use crate::scenario::yaml::{self, Kind, Node};
+use crate::scenario::decode::{parse_document, Ctx, Diagnostic, FromNode, MapReader};
+use crate::scenario::yaml::{Kind, Node};
 
 /// A time span written `200ms`, `1.5s`, `2m` or a plain number of seconds.
 #[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Serialize)]
@@ -594,15 +594,7 @@ pub fn load_str(text: &str, label: &str) -> Result<Experiment, ExperimentFileErr
         file: label.to_string(),
         diagnostics,
     };
-    let root = yaml::parse(text).map_err(|e| {
-        fail(vec![Diagnostic {
-            file: label.to_string(),
-            line: e.pos.line,
-            col: e.pos.col,
-            path: String::new(),
-            message: format!("invalid YAML: {}", e.message),
-        }])
-    })?;
+    let root = parse_document(text, label).map_err(|d| fail(vec![d]))?;
     let mut cx = Ctx::new(label);
     let exp = decode(&root, &mut cx);
     if let Some(e) = &exp {

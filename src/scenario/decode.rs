@@ -107,6 +107,17 @@ impl Ctx {
     }
 }
 
+/// Parse a YAML document; a syntax error becomes the one diagnostic of `file`.
+pub fn parse_document(text: &str, file: &str) -> Result<Node, Diagnostic> {
+    super::yaml::parse(text).map_err(|e| Diagnostic {
+        file: file.to_string(),
+        line: e.pos.line,
+        col: e.pos.col,
+        path: String::new(),
+        message: format!("invalid YAML: {}", e.message),
+    })
+}
+
 pub fn join(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_string()

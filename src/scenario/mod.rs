@@ -144,15 +144,7 @@ pub fn load_str(
         file: label.to_string(),
         diagnostics,
     };
-    let root = yaml::parse(text).map_err(|e| {
-        fail(vec![Diagnostic {
-            file: label.to_string(),
-            line: e.pos.line,
-            col: e.pos.col,
-            path: String::new(),
-            message: format!("invalid YAML: {}", e.message),
-        }])
-    })?;
+    let root = decode::parse_document(text, label).map_err(|d| fail(vec![d]))?;
     let mut cx = Ctx::new(label);
     // Compiled in and tested: failing to load is a bug, reported rather than skipped.
     let catalog = crate::components::ComponentCatalog::builtin();
@@ -375,16 +367,10 @@ fn load_profile(name: &str, cx: &mut Ctx, sources: &Sources) -> Option<model::Ne
         );
         return None;
     };
-    let node = match yaml::parse(&text) {
+    let node = match decode::parse_document(&text, &label) {
         Ok(n) => n,
-        Err(e) => {
-            cx.diagnostics.push(Diagnostic {
-                file: label,
-                line: e.pos.line,
-                col: e.pos.col,
-                path: String::new(),
-                message: format!("invalid YAML: {}", e.message),
-            });
+        Err(d) => {
+            cx.diagnostics.push(d);
             return None;
         }
     };

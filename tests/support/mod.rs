@@ -54,6 +54,22 @@ pub fn real_vm_test(test: &str) {
     );
 }
 
+/// The plan of the shipped `scenarios/1m1w.yaml` with its state under `state`.
+pub fn plan_1m1w(state: &std::path::Path) -> kthw_lab::plan::LabPlan {
+    use kthw_lab::scenario::{load_str, HostLimits, Sources};
+    let text = std::fs::read_to_string(root().join("scenarios/1m1w.yaml")).unwrap();
+    let s = load_str(
+        &text,
+        "1m1w.yaml",
+        &Sources {
+            roots: vec![root()],
+        },
+        &HostLimits { memory_mib: 65536 },
+    )
+    .unwrap();
+    kthw_lab::plan::plan(&s, &text, state)
+}
+
 /// A network namespace owned by one test; deleted on drop, even after a panic.
 pub struct Netns {
     pub name: String,
