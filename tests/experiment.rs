@@ -385,3 +385,49 @@ fn the_lease_holder_is_the_host_part_of_the_holder_identity() {
         &Selector::LeaseHolder("kube-controller-manager".into())
     );
 }
+
+#[test]
+fn a_lab_that_lacks_what_the_file_requires_is_refused_before_anything_is_touched() {
+    use kthw_lab::actions::{Journal, Phase, PhaseRecord, PhaseState};
+    use kthw_lab::experiment::run::check_requires;
+    let dir = tempfile::tempdir().unwrap();
+    let plan = support::plan_1m1w(dir.path());
+    let mut j = Journal::open(&dir.path().join("journal.json"), &plan.lab, "x").unwrap();
+    let done = |j: &mut Journal, phase| {
+        j.set(PhaseRecord {
+            phase,
+            state: PhaseState::Done,
+            started: 0,
+            seconds: 0.0,
+            error: None,
+        })
+    };
+    let e = load_str(SHIPPED[0].1, "etcd-member-down").unwrap();
+    // Never created, one controller of the two it needs.
+    let err = check_requires(&e, &plan, None).unwrap_err().to_string();
+    assert!(
+        err.contains("it needs 2 controller(s); lab `k1m1w` has 1"),
+        "{err}"
+    );
+    assert!(err.contains("was never created"), "{err}");
+    for p in Phase::ALL.into_iter().take_while(|p| *p <= Phase::Lb) {
+        done(&mut j, p);
+    }
+    let one = load_str(
+        "name: t\nrequires: {phase: etcd, controllers: 1}\nduration: 5s\nprobes: [{kind: ping, node: worker:3}]\n",
+        "t",
+    )
+    .unwrap();
+    let err = check_requires(&one, &plan, Some(&j))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is done up to `lb`"), "{err}");
+    assert!(err.contains("`worker:3` needs 4 workers"), "{err}");
+    done(&mut j, Phase::Etcd);
+    let ok = load_str(
+        "name: t\nrequires: {phase: etcd, controllers: 1}\nduration: 5s\nprobes: [{kind: ping, node: worker:0}]\n",
+        "t",
+    )
+    .unwrap();
+    check_requires(&ok, &plan, Some(&j)).unwrap();
+}

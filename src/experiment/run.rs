@@ -525,7 +525,14 @@ pub fn runs_dir(plan: &LabPlan) -> std::path::PathBuf {
 /// have failed: the report says which); the report is also written when it did not.
 pub fn run(exp: &Experiment, input: RunInput) -> (Option<Report>, Result<()>) {
     let plan = input.plan;
-    let journal = read_journal(plan);
+    // The lab as the run will find it: the checkpoint's, when it starts from one.
+    let journal = match &exp.from_checkpoint {
+        Some(cp) => match crate::actions::checkpoint::load(plan, cp) {
+            Ok(c) => Some(c.journal),
+            Err(e) => return (None, Err(e)),
+        },
+        None => read_journal(plan),
+    };
     if let Err(e) = check_requires(exp, plan, journal.as_ref()) {
         return (None, Err(e));
     }
