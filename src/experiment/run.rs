@@ -767,7 +767,6 @@ pub fn run(exp: &Experiment, input: RunInput) -> (Option<Report>, Result<()>) {
             .map(|h| h.join().expect("probe thread"))
             .collect()
     });
-    let ran_s = t0.elapsed().as_secs_f64().min(exp.duration.0.max(0.0));
     // Nothing stays in force.
     let line = progress.line("cleanup", "undoing faults still in force");
     let cleared = faults::clear(plan, &hv, Some(&remote), Duration::from_secs(120));
@@ -938,7 +937,6 @@ pub fn run(exp: &Experiment, input: RunInput) -> (Option<Report>, Result<()>) {
         expect: Vec::new(),
         events,
     };
-    let _ = ran_s;
     rep.expect = report::check_expectations(&exp.expect, &rep, rep.manifest.controllers);
     if failure.is_some() {
         // A run that stopped early measured something else than the file says.

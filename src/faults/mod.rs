@@ -752,13 +752,3 @@ pub fn forget_guest_side(plan: &LabPlan) -> Result<(), FaultError> {
         )
     })
 }
-
-/// Where the lab's fault record lives (for status).
-pub fn record_path(plan: &LabPlan) -> PathBuf {
-    plan.paths.root.join("faults.json")
-}
-
-/// Whether `path` holds a record of faults (cheap; for `status`).
-pub fn recorded(path: &Path) -> bool {
-    path.exists()
-}
