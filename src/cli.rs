@@ -236,8 +236,10 @@ pub enum CheckpointCommand {
 pub enum ExperimentCommand {
     /// Run an experiment file against a lab; writes a report (JSON, SVG, summary)
     Run {
+        /// Lab name (see `kthw-lab list`)
         lab: String,
-        /// Experiment file, e.g. experiments/etcd-member-down.yaml
+        /// Experiment file, or the name of a shipped one (`kthw-lab experiment list`),
+        /// e.g. etcd-member-down
         file: PathBuf,
         /// json: print the report JSON on stdout (the summary still goes to stderr)
         #[arg(long, short, value_enum, default_value_t = StatusOutput::Table)]
