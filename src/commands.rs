@@ -293,9 +293,7 @@ fn cmd_list(output: StatusOutput, state_dir: &Path) -> Result<()> {
             });
             continue;
         };
-        let journal: Option<Journal> = std::fs::read(&plan.paths.journal)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let journal = Journal::read(&plan.paths.journal);
         let last = journal.as_ref().and_then(|j| j.phases.last().cloned());
         rows.push(Row {
             lab: plan.lab.clone(),
@@ -747,9 +745,7 @@ fn phase_options(connect: &str, state_dir: &Path) -> actions::phases::PhaseOptio
 }
 
 fn read_journal(plan: &crate::plan::LabPlan) -> Option<Journal> {
-    std::fs::read(&plan.paths.journal)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
+    Journal::read(&plan.paths.journal)
 }
 
 /// `stop LAB`: the balancer stops, the VMs power off; disks, keys, certificates and

@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::phases::{connect_hypervisor, on_every_node, provision, PhaseOptions};
+use super::phases::{connect_hypervisor, node_step, on_every_node, provision, PhaseOptions};
 use super::{Journal, Phase, Progress, RunCtx};
 use crate::error::{Error, Result};
 use crate::host::libvirt::{DomainState, Hypervisor};
@@ -178,12 +178,6 @@ fn allocated(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn read_journal(plan: &LabPlan) -> Option<Journal> {
-    std::fs::read(&plan.paths.journal)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-}
-
 fn hv_error(what: String) -> impl FnOnce(crate::host::libvirt::HypervisorError) -> Error {
     move |e| provision(what, e.hint(), e)
 }
@@ -225,7 +219,7 @@ pub fn save(
             "delete it first (`kthw-lab checkpoint delete LAB NAME`) or choose another name",
         ));
     }
-    let journal = read_journal(plan).filter(|j| j.is_done(Phase::WaitSsh));
+    let journal = Journal::read(&plan.paths.journal).filter(|j| j.is_done(Phase::WaitSsh));
     let Some(journal) = journal else {
         return Err(Error::Other {
             what: format!("lab `{}` has no booted nodes to save", plan.lab),
@@ -293,12 +287,13 @@ pub fn save(
         progress,
         "pausing",
         |n, line| {
-            hv.suspend(&n.domain)
-                .map(|()| line.set("paused, saving memory and disk"))
-                .map_err(|e| {
-                    line.fail(&e.to_string());
-                    hv_error(format!("cannot pause {}", n.domain))(e)
-                })
+            node_step(
+                line,
+                hv.suspend(&n.domain),
+                "paused, saving memory and disk",
+                false,
+                || format!("cannot pause {}", n.domain),
+            )
         },
     );
     let saved: Vec<Result<()>> = if paused.iter().all(|r| r.is_ok()) {
@@ -337,15 +332,14 @@ pub fn save(
         |n| n.name.as_str(),
         progress,
         "resuming",
-        |n, line| match hv.resume(&n.domain) {
-            Ok(()) => {
-                line.done(if failed { "resumed" } else { "saved, running" });
-                Ok(())
-            }
-            Err(e) => {
-                line.fail(&e.to_string());
-                Err(hv_error(format!("cannot resume {}", n.domain))(e))
-            }
+        |n, line| {
+            node_step(
+                line,
+                hv.resume(&n.domain),
+                if failed { "resumed" } else { "saved, running" },
+                true,
+                || format!("cannot resume {}", n.domain),
+            )
         },
     );
     let paused_s = t_pause.elapsed().as_secs_f64();
@@ -381,8 +375,12 @@ pub fn problem(cp: &Checkpoint, plan_sha256: &str, hv: &dyn Hypervisor) -> Optio
     if cp.plan_sha256 != plan_sha256 {
         return Some("saved for another plan of this lab".into());
     }
+    let domains = match hv.list_lab_domains(&cp.lab) {
+        Ok(d) => d,
+        Err(e) => return Some(e.to_string()),
+    };
     for n in &cp.nodes {
-        let Ok(Some(_)) = hv.state(&n.domain) else {
+        let Some(d) = domains.iter().find(|d| d.name == n.domain) else {
             return Some(format!("node `{}` has no domain", n.node));
         };
         match hv.snapshot(&n.domain, &n.snapshot) {
@@ -395,12 +393,7 @@ pub fn problem(cp: &Checkpoint, plan_sha256: &str, hv: &dyn Hypervisor) -> Optio
             }
             Err(e) => return Some(e.to_string()),
         }
-        let digest = hv
-            .list_lab_domains(&cp.lab)
-            .ok()
-            .and_then(|ds| ds.into_iter().find(|d| d.name == n.domain))
-            .map(|d| d.marker.digest);
-        if digest.as_deref() != Some(n.digest.as_str()) {
+        if d.marker.digest != n.digest {
             return Some(format!(
                 "the domain of `{}` was redefined since the save",
                 n.node
@@ -473,15 +466,14 @@ pub fn restore(
         |n| n.node.as_str(),
         progress,
         "going back to the checkpoint",
-        |n, line| match hv.revert_snapshot(&n.domain, &n.snapshot, true) {
-            Ok(()) => {
-                line.set("back, paused");
-                Ok(())
-            }
-            Err(e) => {
-                line.fail(&e.to_string());
-                Err(hv_error(format!("cannot revert {}", n.domain))(e))
-            }
+        |n, line| {
+            node_step(
+                line,
+                hv.revert_snapshot(&n.domain, &n.snapshot, true),
+                "back, paused",
+                false,
+                || format!("cannot revert {}", n.domain),
+            )
         },
     );
     let resumed = on_every_node(
@@ -489,15 +481,10 @@ pub fn restore(
         |n| n.node.as_str(),
         progress,
         "resuming",
-        |n, line| match hv.resume(&n.domain) {
-            Ok(()) => {
-                line.done("running");
-                Ok(())
-            }
-            Err(e) => {
-                line.fail(&e.to_string());
-                Err(hv_error(format!("cannot resume {}", n.domain))(e))
-            }
+        |n, line| {
+            node_step(line, hv.resume(&n.domain), "running", true, || {
+                format!("cannot resume {}", n.domain)
+            })
         },
     );
     for r in reverted.into_iter().chain(resumed) {

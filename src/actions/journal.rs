@@ -93,6 +93,14 @@ impl Journal {
         }
     }
 
+    /// The journal at `path` as it is, whatever plan it was written for; `None` when
+    /// there is none or it is unreadable.
+    pub fn read(path: &Path) -> Option<Journal> {
+        let mut j: Journal = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+        j.path = path.to_path_buf();
+        Some(j)
+    }
+
     /// Save to `path` (for a journal read back with serde, which has no path).
     pub fn save_to(&mut self, path: &Path) -> std::io::Result<()> {
         self.path = path.to_path_buf();

@@ -95,6 +95,32 @@ where
     })
 }
 
+/// Report one node's libvirt step on its progress line: `ok` there when it worked
+/// (the line finished, or only updated when more follows), else the error, which
+/// becomes a provisioning error about `what`.
+pub(crate) fn node_step(
+    line: super::Line,
+    r: std::result::Result<(), crate::host::libvirt::HypervisorError>,
+    ok: &str,
+    finished: bool,
+    what: impl FnOnce() -> String,
+) -> Result<()> {
+    match r {
+        Ok(()) if finished => {
+            line.done(ok);
+            Ok(())
+        }
+        Ok(()) => {
+            line.set(ok);
+            Ok(())
+        }
+        Err(e) => {
+            line.fail(&e.to_string());
+            Err(provision(what(), e.hint(), e))
+        }
+    }
+}
+
 /// Shut every domain of the lab down (ACPI, forced after `grace`), in parallel.
 pub fn shutdown_domains(
     plan: &LabPlan,
@@ -797,19 +823,14 @@ pub fn revert_to_fresh_states(
         |n| n.name.as_str(),
         progress,
         "going back to its fresh state",
-        |n, line| match hv.revert_to_fresh(&n.domain) {
-            Ok(()) => {
-                line.done("back to its fresh state");
-                Ok(())
-            }
-            Err(e) => {
-                line.fail(&e.to_string());
-                Err(provision(
-                    format!("cannot revert {}", n.domain),
-                    e.hint(),
-                    e,
-                ))
-            }
+        |n, line| {
+            node_step(
+                line,
+                hv.revert_to_fresh(&n.domain),
+                "back to its fresh state",
+                true,
+                || format!("cannot revert {}", n.domain),
+            )
         },
     );
     results.into_iter().collect::<Result<Vec<()>>>()?;
@@ -958,8 +979,7 @@ fn plan_files(plan: Option<&LabPlan>) -> Vec<PathBuf> {
 /// The lab's journal shows that phase `domains` never started, so libvirt holds
 /// nothing of it (and need not be reachable to destroy the lab).
 fn never_defined_domains(plan: Option<&LabPlan>) -> bool {
-    plan.and_then(|p| std::fs::read(&p.paths.journal).ok())
-        .and_then(|b| serde_json::from_slice::<super::Journal>(&b).ok())
+    plan.and_then(|p| super::Journal::read(&p.paths.journal))
         .is_some_and(|j| j.get(Phase::Domains).is_none())
 }
 

@@ -40,12 +40,6 @@ fn not_ready(what: String, hint: String) -> Error {
     }
 }
 
-fn read_journal(plan: &LabPlan) -> Option<Journal> {
-    std::fs::read(&plan.paths.journal)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-}
-
 /// Check the lab against the experiment before anything is touched (pure but for
 /// the journal): the phase, the node counts, the nodes the file names.
 pub fn check_requires(exp: &Experiment, plan: &LabPlan, journal: Option<&Journal>) -> Result<()> {
@@ -531,7 +525,7 @@ pub fn run(exp: &Experiment, input: RunInput) -> (Option<Report>, Result<()>) {
             Ok(c) => Some(c.journal),
             Err(e) => return (None, Err(e)),
         },
-        None => read_journal(plan),
+        None => Journal::read(&plan.paths.journal),
     };
     if let Err(e) = check_requires(exp, plan, journal.as_ref()) {
         return (None, Err(e));

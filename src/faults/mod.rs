@@ -437,9 +437,10 @@ fn taps(hv: &dyn Hypervisor, plan: &LabPlan, node: &str) -> Result<Vec<String>, 
     let n = plan.node(node).ok_or_else(|| FaultError::NoTap {
         node: node.to_string(),
     })?;
-    if hv.state(&n.domain)? != Some(DomainState::Running)
-        && hv.state(&n.domain)? != Some(DomainState::Paused)
-    {
+    if !matches!(
+        hv.state(&n.domain)?,
+        Some(DomainState::Running | DomainState::Paused)
+    ) {
         return Ok(Vec::new());
     }
     Ok(hv.tap_devices(&n.domain)?)
